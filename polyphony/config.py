@@ -67,7 +67,9 @@ class ModelConfig:
     tie_embeddings: bool = True  # REMI only: the LM head shares the token embedding
     # Loss weight per head. REMI: next_token, next_instrument, next_type.
     # CPWord: family, position, pitch, velocity, duration, program, tempo, meter.
-    heads: dict[str, float] = field(default_factory=lambda: {"next_token": 1.0, "next_instrument": 0.5})
+    heads: dict[str, float] = field(
+        default_factory=lambda: {"next_token": 1.0, "next_instrument": 0.5}
+    )
     vocab_sizes: list[int] = field(default_factory=list)  # REMI: [V]; CPWord: one per field
     token_types: list[int] = field(default_factory=list)  # REMI: token id -> token family id
     n_token_types: int = 0
@@ -124,9 +126,13 @@ class Config:
                 f"model.n_heads={self.model.n_heads} is not a multiple of model.n_kv_heads={kv}"
             )
         if self.train.keep_last < 2:
-            raise ConfigError(f"train.keep_last={self.train.keep_last}: must be >= 2 so a crash mid-save keeps one")
+            raise ConfigError(
+                f"train.keep_last={self.train.keep_last}: must be >= 2 so a crash mid-save keeps one"
+            )
         if self.train.mixed_precision not in ("no", "bf16", "fp16"):
-            raise ConfigError(f"train.mixed_precision={self.train.mixed_precision!r}: expected no, bf16 or fp16")
+            raise ConfigError(
+                f"train.mixed_precision={self.train.mixed_precision!r}: expected no, bf16 or fp16"
+            )
         return self
 
     def to_dict(self) -> dict[str, Any]:
