@@ -1,0 +1,195 @@
+"""Measure a folder of generated MIDI, optionally beside a folder of real MIDI.
+
+    python -m polyphony.evaluate GENERATED_DIR [--reference REAL_DIR] [--json out.json]
+
+Prints one row per metric (generated mean ± std; with ``--reference`` also the reference mean ±
+std and the relative gap) and writes the full report, per piece included, as JSON. Metrics are
+defined in :mod:`polyphony.metrics`; a generated set whose files carry the generation request
+also gets instrument fidelity. Files that cannot be read are listed and skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+from polyphony.metrics import PieceMetricsHook, compute_folder_metrics
+
+LABELS = {
+    "pitch_class_entropy": "pitch class entropy (bits)",
+    "scale_consistency": "scale consistency",
+    "groove_consistency": "groove consistency",
+    "polyphony": "polyphony (pitches sounding)",
+    "note_density": "note density (notes/bar)",
+    "empty_bar_rate": "empty-bar rate",
+    "n_instruments": "instruments per piece",
+    "n_bars": "length (bars)",
+}
+
+# Failures listed on screen; the JSON report has all of them.
+MAX_FAILURES_SHOWN = 20
+
+
+def evaluate(
+    generated: str | Path,
+    reference: str | Path | None = None,
+    extra_piece_metrics: PieceMetricsHook | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """``{"generated": folder report, "reference": folder report | None, "gap_percent": ...}``.
+
+    ``extra_piece_metrics`` is applied to both folders (see ``compute_folder_metrics``);
+    ``gap_percent[name]`` is the relative difference of the generated mean from the reference
+    mean, in percent, None where it is undefined.
+    """
+    report: dict[str, Any] = {
+        "generated": compute_folder_metrics(generated, extra_piece_metrics, progress),
+        "reference": None,
+        "gap_percent": None,
+    }
+    if reference is not None:
+        real = compute_folder_metrics(reference, extra_piece_metrics, progress)
+        report["reference"] = real
+        report["gap_percent"] = {
+            name: relative_gap(summary["mean"], real["metrics"].get(name, {}).get("mean"))
+            for name, summary in report["generated"]["metrics"].items()
+        }
+    return report
+
+
+def relative_gap(generated_mean: float | None, reference_mean: float | None) -> float | None:
+    """(generated - reference) / |reference| in percent; None without both or for reference 0."""
+    if generated_mean is None or reference_mean is None or reference_mean == 0:
+        return None
+    return 100 * (generated_mean - reference_mean) / abs(reference_mean)
+
+
+def _mean_std(summary: dict[str, Any] | None) -> str:
+    if not summary or summary["mean"] is None:
+        return "-"
+    if summary["std"] is None:  # a pooled value: one number over all pieces
+        return f"{summary['mean']:.3f}"
+    return f"{summary['mean']:.3f} ± {summary['std']:.3f}"
+
+
+def _count(summary: dict[str, Any] | None) -> str:
+    return str(summary["n"]) if summary else "-"
+
+
+def _gap(generated: dict[str, Any] | None, reference: dict[str, Any] | None) -> str:
+    if not generated or not reference:
+        return "-"
+    gap = relative_gap(generated["mean"], reference["mean"])
+    return "-" if gap is None else f"{gap:+.1f}%"
+
+
+def _rows(report: dict[str, Any]) -> list[tuple[str, dict | None, dict | None]]:
+    """(label, generated summary, reference summary) for every row of the table."""
+    generated, reference = report["generated"], report["reference"]
+    real_metrics = reference["metrics"] if reference else {}
+    rows = [
+        (LABELS.get(name, name.replace("_", " ")), summary, real_metrics.get(name))
+        for name, summary in generated["metrics"].items()
+    ]
+    # Pitch spans of the instruments the generated pieces play (a corpus may hold dozens more).
+    real_ranges = reference["pitch_range"] if reference else {}
+    for instrument, ranges in generated["pitch_range"].items():
+        real_span = real_ranges[instrument]["span"] if instrument in real_ranges else None
+        rows.append((f"pitch span: {ranges['instrument']}", ranges["span"], real_span))
+    fidelity = generated["fidelity"]
+    if fidelity is not None:
+        for kind in ("precision", "recall"):
+            rows.append((f"instrument {kind} (macro)", fidelity["macro"][kind], None))
+        for kind in ("precision", "recall"):
+            pooled = {"mean": fidelity["micro"][kind], "std": None, "n": fidelity["n_pieces"]}
+            rows.append((f"instrument {kind} (micro)", pooled, None))
+    return rows
+
+
+def _folder_line(role: str, folder: dict[str, Any]) -> str:
+    skipped = len(folder["failed"])
+    note = f"; {skipped} unreadable file{'s' if skipped != 1 else ''} skipped" if skipped else ""
+    return f"{role}: {folder['folder']} ({folder['n_pieces']} pieces{note})"
+
+
+def format_table(report: dict[str, Any]) -> str:
+    """The report as a plain-text table, one metric per row, then the skipped files."""
+    generated, reference = report["generated"], report["reference"]
+    header = ["metric", "generated", "n"]
+    if reference:
+        header += ["reference", "n", "gap"]
+    table = [header]
+    for label, gen, real in _rows(report):
+        row = [label, _mean_std(gen), _count(gen)]
+        if reference:
+            row += [_mean_std(real), _count(real), _gap(gen, real)]
+        table.append(row)
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    lines = [_folder_line("generated", generated)]
+    if reference:
+        lines.append(_folder_line("reference", reference))
+    lines.append("")
+    for index, row in enumerate(table):
+        cells = [row[0].ljust(widths[0])] + [
+            c.rjust(w) for c, w in zip(row[1:], widths[1:], strict=True)
+        ]
+        lines.append("  ".join(cells).rstrip())
+        if index == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    if generated["fidelity"] is None:
+        lines.append(
+            "(no instrument fidelity: no generated file carries a 'polyphony:instruments=' marker)"
+        )
+    for role, folder in (("generated", generated), ("reference", reference)):
+        if not folder or not folder["failed"]:
+            continue
+        lines.append(f"\nskipped in {role} ({folder['folder']}):")
+        for failure in folder["failed"][:MAX_FAILURES_SHOWN]:
+            lines.append(f"  {failure['file']}: {failure['error']}")
+        hidden = len(folder["failed"]) - MAX_FAILURES_SHOWN
+        if hidden > 0:
+            lines.append(f"  ... and {hidden} more (all are in the --json report)")
+    return "\n".join(lines)
+
+
+def _json_ready(value: Any) -> Any:
+    """nan / inf -> None, so that the file is strict JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _json_ready(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_ready(item) for item in value]
+    return value
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m polyphony.evaluate",
+        description="Musical metrics and instrument fidelity of a folder of generated MIDI.",
+    )
+    parser.add_argument("generated", type=Path, help="folder of generated .mid files (recursive)")
+    parser.add_argument("--reference", type=Path, help="folder of real .mid files to compare with")
+    parser.add_argument("--json", type=Path, help="write the full report (per piece too) here")
+    args = parser.parse_args(argv)
+
+    try:
+        report = evaluate(args.generated, args.reference)
+    except FileNotFoundError as error:
+        parser.error(str(error))
+    if report["generated"]["n_files"] == 0:
+        parser.error(f"no .mid or .midi files under {args.generated}")
+    print(format_table(report))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(_json_ready(report), indent=2, allow_nan=False) + "\n")
+        print(f"\nwrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
