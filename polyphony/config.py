@@ -35,7 +35,7 @@ class DataConfig:
     max_seq_len: int = 1024  # tokens per training window, instrument header included
     bar_aligned_windows: bool = True  # start windows on a Bar token where possible
     transpose_semitones: int = 5  # augmentation: uniform shift in [-n, n] for pitched tracks
-    velocity_shift: int = 8  # augmentation: uniform velocity offset in [-n, n]
+    velocity_shift: int = 8  # augmentation: velocity offset in [-n, n], in whole bins of 4
     # Per-source sampling weights; a source is the first folder below the MIDI root
     # (corpus/music21/..., corpus/band/...). Missing sources weigh 1.0.
     source_weights: dict[str, float] = field(default_factory=dict)
@@ -168,7 +168,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             except ValueError:
                 pass
     elif origin is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        if isinstance(value, bool):  # YAML 1.1 reads a bare `no` (mixed_precision) as False
+            return "yes" if value else "no"
+        if isinstance(value, (str, int, float)):
             return str(value)
     elif origin is list:
         if isinstance(value, (list, tuple)):

@@ -40,7 +40,7 @@ SPECIAL_TOKENS = ["PAD", "BOS", "EOS", "MASK", "SEP"]
 N_SPECIALS = len(SPECIAL_TOKENS)  # ids 0..4 in every vocabulary (each CPWord column too)
 # Meters of real music beyond miditok's default set; a piece in any other meter is refused
 # (miditok would silently re-bar it as 4/4).
-TIME_SIGNATURES = {8: [3, 5, 6, 7, 9, 12], 4: [1, 2, 3, 4, 5, 6, 7], 2: [1, 2, 3, 4]}
+TIME_SIGNATURES = {8: [1, 2, 3, 4, 5, 6, 7, 9, 12], 4: [1, 2, 3, 4, 5, 6, 7, 8, 9, 10], 2: [1, 2, 3, 4]}
 CPWORD_FIELDS = ("family", "position", "pitch", "velocity", "duration", "program", "tempo", "meter")
 # Token families of REMI, the targets of the `next_type` head.
 REMI_TOKEN_TYPES = (

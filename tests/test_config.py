@@ -67,3 +67,8 @@ def test_override_syntax_errors_are_clear():
 def test_missing_config_file_names_it(tmp_path):
     with pytest.raises(ConfigError, match="nope.yaml"):
         load_config(tmp_path / "nope.yaml")
+
+
+def test_bare_no_stays_a_string_for_string_fields():
+    cfg = load_config("configs/tiny.yaml", ["--train.mixed_precision=no"])
+    assert cfg.train.mixed_precision == "no"
