@@ -276,7 +276,9 @@ class PolyTokenizer:
         Raises TokenizationError for a meter outside the vocabulary or a piece with no notes.
         """
         if self.miditok.score_has_time_signatures_not_in_vocab(score):
-            meters = sorted({f"{ts.numerator}/{ts.denominator}" for ts in score.time_signatures})
+            supported = {f"{n}/{d}" for d, ns in TIME_SIGNATURES.items() for n in ns}
+            present = {f"{ts.numerator}/{ts.denominator}" for ts in score.time_signatures}
+            meters = sorted(present - supported)
             raise TokenizationError(
                 f"time signature(s) {', '.join(meters)} not in the vocabulary "
                 f"(supported: {self.supported_meters()}); the piece would be re-barred as 4/4"
