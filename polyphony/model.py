@@ -1,0 +1,535 @@
+"""The polyphony GPT: token + track embeddings, pre-norm decoder blocks, a KV cache, task heads.
+
+One file in the spirit of nanoGPT's and gpt-fast's ``model.py``. Shapes: B batch, T positions,
+D ``d_model``, H query heads, K key/value heads (H when not using grouped-query attention).
+
+* **Tokens.** REMI: one id per position, ``input_ids [B, T]``. CPWord: one compound of 8 fields
+  per position, ``input_ids [B, T, 8]`` (family, position, pitch, velocity, duration, program,
+  tempo, meter), embedded as the *sum* of one table per field (see ``PolyphonyGPT._embed``).
+* **Tracks.** ``track_ids [B, T]`` gives every position the instrument it belongs to (0..127 GM
+  programs, 128 drums, 129 global). Its embedding is added at every position, so the model
+  always knows which instrument it is writing for (``config.track_embeddings`` turns it off for
+  the ablation).
+* **Heads.** ``config.heads`` maps head name -> loss weight; the loss is the weighted sum and
+  each head's own loss is reported. REMI: ``next_token`` (tied to the token embedding when
+  ``config.tie_embeddings``), ``next_instrument`` (track id of the next token), ``next_type``
+  (token family of the next token). CPWord: one head per field, the fields after ``family``
+  conditioned on the family as in the compound-word transformer (Hsiao et al., 2021); plus an
+  optional ``next_instrument``.
+* **Generation.** ``setup_cache`` preallocates per-layer key/value buffers, ``prefill`` runs a
+  right-padded prompt batch, ``decode_step`` appends one token per row at that row's position.
+* **Files.** ``save_pretrained`` / ``from_pretrained``: ``model.safetensors`` + ``config.json``
+  (+ ``tokenizer.json``). Nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_model, save_model
+
+from .config import ConfigError, ModelConfig, model_config_from_dict
+
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+IGNORE_INDEX = -100
+CPWORD_FIELDS = ("family", "position", "pitch", "velocity", "duration", "program", "tempo", "meter")
+REMI_HEADS = ("next_token", "next_instrument", "next_type")
+# Parameter counts the named configs (configs/<name>.yaml) are tuned to, with the REMI
+# vocabulary of polyphony's tokenizer; tests/test_model.py keeps each within 10%. tiny is a
+# ceiling (CI must train it in seconds), the others are targets.
+NAMED_SIZES = {"tiny": 1_000_000, "small": 10_000_000, "base": 85_000_000, "large": 300_000_000}
+
+
+class CheckpointError(ValueError):
+    """A model directory that cannot be loaded; the one-line message names the file and why."""
+
+
+@dataclass
+class ModelOutput:
+    logits: dict[str, torch.Tensor]  # head name -> [B, T, V] (forward) or [B, V] (prefill/decode)
+    hidden: torch.Tensor  # final normed hidden states, [B, T, D] or [B, D]
+    loss: torch.Tensor | None = None  # weighted sum over heads (forward with labels only)
+    losses: dict[str, torch.Tensor] = field(default_factory=dict)  # per head, unweighted
+
+
+# ----------------------------------------------------------------------------- rotary positions
+def rotary_cos_sin(positions: torch.Tensor, head_dim: int, base: float, dtype: torch.dtype):
+    """cos and sin of the rotary angles for absolute ``positions [B|1, T]`` -> ``[B|1, T, 1, hd]``.
+
+    Rotary embeddings (Su et al., 2021) encode position by rotating queries and keys, so that
+    attention scores depend only on the *relative* offset. There is no learned table sized to the
+    training length: angles are computed from the positions on the fly, so a KV cache and long
+    generation can run past ``max_seq_len`` and still see familiar relative distances. Angles are
+    always computed in float32 (bf16 positions lose whole steps beyond 256).
+    """
+    inv_freq = base ** -(
+        torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim
+    )
+    angles = positions.to(torch.float32).unsqueeze(-1) * inv_freq  # [B|1, T, hd/2]
+    angles = torch.cat((angles, angles), dim=-1).unsqueeze(2)  # [B|1, T, 1, hd]
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x [B, T, heads, hd]``; the "rotate half" pairing of GPT-NeoX / LLaMA-HF."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+# ----------------------------------------------------------------------------- blocks
+class KVCache(nn.Module):
+    """Preallocated keys and values of one layer, ``[B, K, max_len, hd]``, written in place."""
+
+    def __init__(self, batch_size, max_len, n_kv_heads, head_dim, device, dtype):
+        super().__init__()
+        shape = (batch_size, n_kv_heads, max_len, head_dim)
+        # Not persistent: a cache is scratch space, never part of a checkpoint.
+        self.register_buffer("k", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+        self.register_buffer(
+            "rows", torch.arange(batch_size, device=device)[:, None], persistent=False
+        )
+
+    def write(self, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_keys: int):
+        """Store ``k, v [B, T, K, hd]`` at per-row ``positions [B, T]``; return the first
+        ``n_keys`` cached keys and values as ``[B, K, n_keys, hd]``."""
+        self.k[self.rows, :, positions] = k
+        self.v[self.rows, :, positions] = v
+        return self.k[:, :, :n_keys], self.v[:, :, :n_keys]
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.n_heads = config.n_heads
+        self.n_kv_heads = config.n_kv_heads or config.n_heads
+        self.head_dim = config.d_model // config.n_heads
+        # One matmul for queries, keys and values (fewer kernel launches per decode step).
+        self.qkv = nn.Linear(
+            config.d_model, (self.n_heads + 2 * self.n_kv_heads) * self.head_dim, bias=False
+        )
+        self.out_proj = nn.Linear(config.d_model, config.d_model, bias=False)
+        self.kv_cache: KVCache | None = None
+
+    def forward(self, x, cos, sin, positions=None, key_mask=None):
+        """Causal self-attention over ``x [B, T, D]``.
+
+        Without ``positions`` (training, full forward) keys are this call's own and the mask is
+        causal. With ``positions [B, T]`` (prefill / decode) keys and values are first written to
+        the cache at those per-row positions, and attention runs over the cache's first
+        ``key_mask.shape[-1]`` entries where ``key_mask [B, 1, T, n_keys]`` allows. An explicit
+        mask is required there: with one query and many keys ``is_causal=True`` aligns the mask
+        top-left and would show the query only key 0 (LIBRARY_NOTES §4).
+        """
+        B, T, _ = x.shape
+        qkv = self.qkv(x).view(B, T, self.n_heads + 2 * self.n_kv_heads, self.head_dim)
+        # Rotate queries and keys in one call: they are adjacent heads of the same tensor.
+        qk = apply_rotary(qkv[:, :, : self.n_heads + self.n_kv_heads], cos, sin)
+        q, k = qk.split((self.n_heads, self.n_kv_heads), dim=2)
+        v = qkv[:, :, self.n_heads + self.n_kv_heads :]
+        gqa = self.n_kv_heads != self.n_heads
+        if positions is None:
+            y = F.scaled_dot_product_attention(
+                q.transpose(1, 2),
+                k.transpose(1, 2),
+                v.transpose(1, 2),
+                is_causal=True,
+                enable_gqa=gqa,
+            )
+        else:
+            k, v = self.kv_cache.write(positions, k, v, key_mask.shape[-1])
+            y = F.scaled_dot_product_attention(
+                q.transpose(1, 2), k, v, attn_mask=key_mask, enable_gqa=gqa
+            )
+        return self.out_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class SwiGLU(nn.Module):
+    """``down(silu(gate(x)) * up(x))`` (Shazeer, 2020): lower loss than a GELU MLP at equal size.
+
+    The hidden width is 2/3 of ``mlp_ratio * D`` so the three matrices hold as many parameters as
+    GPT-2's two (the named sizes stay comparable to GPT-2 shapes); rounded up to a multiple of 16.
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        hidden = 16 * math.ceil(2 * config.mlp_ratio * config.d_model / 3 / 16)
+        self.gate_up = nn.Linear(config.d_model, 2 * hidden, bias=False)  # gate and up, fused
+        self.down = nn.Linear(hidden, config.d_model, bias=False)
+
+    def forward(self, x):
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: ``x + drop(attn(norm(x)))``, then ``x + drop(mlp(norm(x)))``."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.attention_norm = nn.RMSNorm(config.d_model, eps=1e-5)
+        self.attention = Attention(config)
+        self.mlp_norm = nn.RMSNorm(config.d_model, eps=1e-5)
+        self.mlp = SwiGLU(config)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, cos, sin, positions=None, key_mask=None):
+        x = x + self.dropout(self.attention(self.attention_norm(x), cos, sin, positions, key_mask))
+        return x + self.dropout(self.mlp(self.mlp_norm(x)))
+
+
+def masked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over targets != -100; 0 (not NaN) when a batch has none, which is
+    common for sparse CPWord fields such as tempo or meter in a short window."""
+    total = F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
+        ignore_index=IGNORE_INDEX, reduction="sum",
+    )  # fmt: skip
+    return total / (targets != IGNORE_INDEX).sum().clamp(min=1)
+
+
+# ----------------------------------------------------------------------------- the model
+class PolyphonyGPT(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        check_config(config)
+        self.config = config
+        self.is_cpword = config.tokenization == "cpword"
+        d = config.d_model
+        self.head_dim = d // config.n_heads
+
+        self.token_embeddings = nn.ModuleList(nn.Embedding(v, d) for v in config.vocab_sizes)
+        self.track_embedding = nn.Embedding(config.n_tracks, d) if config.track_embeddings else None
+        self.dropout = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layers))
+        self.norm = nn.RMSNorm(d, eps=1e-5)
+
+        self.weights = dict(config.heads)
+        sizes = {"next_instrument": config.n_tracks}
+        if self.is_cpword:
+            sizes.update(zip(CPWORD_FIELDS, config.vocab_sizes, strict=True))
+            # concat(hidden, family embedding) -> D: the fields of a compound depend on its
+            # family (a Metric compound has a position and maybe tempo/meter, a Note has pitch,
+            # velocity, ...). The family table is the input one, as in the compound-word model.
+            self.family_condition = nn.Linear(2 * d, d, bias=False)
+        else:
+            sizes.update(next_token=config.vocab_sizes[0], next_type=config.n_token_types)
+            # Targets of next_type: token id -> token family (a buffer, so it follows .to()).
+            self.register_buffer(
+                "token_types", torch.tensor(config.token_types, dtype=torch.long), persistent=False
+            )
+        self.heads = nn.ModuleDict(
+            {name: nn.Linear(d, sizes[name], bias=False) for name in self.weights}
+        )
+        if not self.is_cpword and config.tie_embeddings:
+            self.heads["next_token"].weight = self.token_embeddings[0].weight
+
+        self.kv_caches: list[KVCache] = []  # filled by setup_cache
+        self._cache_positions: torch.Tensor | None = None  # [B] next write position per row
+        self._cache_keys = 0  # keys in use (max over rows), a Python int: no device sync per step
+        self._init_weights()
+
+    def _init_weights(self):
+        """All initialisation, here: N(0, 0.02) for matrices and embeddings (GPT-2); residual
+        output projections scaled by 1/sqrt(2 * n_layers) so the residual stream's variance does
+        not grow with depth; RMSNorm gains stay 1."""
+        residual_std = 0.02 / math.sqrt(2 * self.config.n_layers)
+        for name, param in self.named_parameters():  # a tied weight is listed once
+            if param.dim() < 2:
+                continue
+            is_residual_out = name.endswith(("attention.out_proj.weight", "mlp.down.weight"))
+            nn.init.normal_(param, mean=0.0, std=residual_std if is_residual_out else 0.02)
+
+    # ------------------------------------------------------------------ shared pieces
+    def _embed(self, input_ids: torch.Tensor, track_ids: torch.Tensor) -> torch.Tensor:
+        """Sum of the token embedding(s) and the track embedding.
+
+        CPWord fields are *summed*, not concatenated and projected as in the compound-word
+        transformer: concat(e_1..e_8) @ W equals sum_i e_i @ W_i, i.e. a sum of per-field
+        embeddings whose tables are factorised through narrower widths. Full-width tables are
+        at least as expressive, skip a matmul, and cost little (the 8 vocabularies total < 1k rows).
+        """
+        fields = input_ids.unbind(-1) if self.is_cpword else (input_ids,)
+        x = self.token_embeddings[0](fields[0])
+        for table, ids in zip(self.token_embeddings[1:], fields[1:], strict=True):
+            x = x + table(ids)
+        if self.track_embedding is not None:
+            x = x + self.track_embedding(track_ids)
+        return self.dropout(x)
+
+    def _trunk(self, x, positions, cached=False, key_mask=None):
+        """Blocks + final norm. ``positions [B|1, T]`` are absolute (rotary angles)."""
+        cos, sin = rotary_cos_sin(positions, self.head_dim, self.config.rope_base, x.dtype)
+        for block in self.blocks:
+            x = block(x, cos, sin, positions if cached else None, key_mask)
+        return self.norm(x)
+
+    def field_logits(
+        self, hidden: torch.Tensor, family_ids: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """CPWord: logits of every field after ``family``, given the family of the compound.
+
+        ``hidden [..., D]`` and ``family_ids [...]`` (teacher-forced in training, sampled from the
+        ``family`` logits when generating)."""
+        if not self.is_cpword:
+            raise ValueError("field_logits is for CPWord models; this one is REMI")
+        family = self.token_embeddings[0](family_ids)
+        conditioned = self.family_condition(torch.cat((hidden, family), dim=-1))
+        return {name: self.heads[name](conditioned) for name in CPWORD_FIELDS[1:]}
+
+    def _head_logits(self, hidden, family_ids=None) -> dict[str, torch.Tensor]:
+        if not self.is_cpword:
+            return {name: head(hidden) for name, head in self.heads.items()}
+        logits = {"family": self.heads["family"](hidden)}
+        if "next_instrument" in self.heads:
+            logits["next_instrument"] = self.heads["next_instrument"](hidden)
+        if family_ids is not None:
+            logits.update(self.field_logits(hidden, family_ids))
+        return logits
+
+    def _check_ids(self, input_ids: torch.Tensor, track_ids: torch.Tensor, step: bool):
+        expected = (1 if step else 2) + self.is_cpword
+        shape = "[B" + ("" if step else ", T") + (", 8]" if self.is_cpword else "]")
+        if input_ids.dim() != expected or (self.is_cpword and input_ids.shape[-1] != 8):
+            raise ValueError(
+                f"input_ids of shape {tuple(input_ids.shape)}: a {self.config.tokenization} "
+                f"model takes {shape}"
+            )
+        if track_ids.shape != input_ids.shape[: expected - self.is_cpword]:
+            raise ValueError(
+                f"track_ids of shape {tuple(track_ids.shape)} do not match input_ids "
+                f"{tuple(input_ids.shape)}: one track id per position"
+            )
+
+    # ------------------------------------------------------------------ training forward
+    def forward(self, input_ids, track_ids, labels=None, label_track_ids=None) -> ModelOutput:
+        """Logits of every head at every position; with ``labels`` also the losses.
+
+        ``labels`` are already shifted (``labels[:, t]`` is the token at t+1), -100 = ignore;
+        ``label_track_ids [B, T]`` is the track of the next token (for ``next_instrument``).
+        """
+        self._check_ids(input_ids, track_ids, step=False)
+        T = input_ids.shape[1]
+        positions = torch.arange(T, device=input_ids.device).unsqueeze(0)
+        hidden = self._trunk(self._embed(input_ids, track_ids), positions)
+        family_ids = None
+        if self.is_cpword:
+            # Fields are conditioned on the true next family in training (teacher forcing);
+            # without labels, on the model's own most likely family.
+            if labels is not None:
+                family_ids = labels[..., 0].clamp(min=0)  # -100 rows: any id, all fields ignored
+            else:
+                family_ids = self.heads["family"](hidden).argmax(-1)
+        logits = self._head_logits(hidden, family_ids)
+        if labels is None:
+            return ModelOutput(logits=logits, hidden=hidden)
+
+        targets = self._targets(labels, label_track_ids)
+        losses = {name: masked_cross_entropy(logits[name], targets[name]) for name in self.weights}
+        loss = sum(self.weights[name] * value for name, value in losses.items())
+        return ModelOutput(logits=logits, hidden=hidden, loss=loss, losses=losses)
+
+    def _targets(self, labels, label_track_ids) -> dict[str, torch.Tensor]:
+        targets = {}
+        if self.is_cpword:
+            targets.update(zip(CPWORD_FIELDS, labels.unbind(-1), strict=True))
+        else:
+            targets["next_token"] = labels
+            if "next_type" in self.weights:
+                types = self.token_types[labels.clamp(min=0)]
+                targets["next_type"] = types.masked_fill(labels == IGNORE_INDEX, IGNORE_INDEX)
+        if "next_instrument" in self.weights:
+            if label_track_ids is None:
+                raise ValueError(
+                    "the next_instrument head needs label_track_ids (track of the next token)"
+                )
+            targets["next_instrument"] = label_track_ids
+        return targets
+
+    # ------------------------------------------------------------------ cached generation
+    def setup_cache(self, batch_size: int, max_len: int, device=None, dtype=None):
+        """Preallocate every layer's keys and values for ``batch_size`` rows of ``max_len``
+        positions (prompt + new tokens; may exceed ``config.max_seq_len``, see rotary_cos_sin)."""
+        reference = self.norm.weight
+        device = reference.device if device is None else torch.device(device)
+        dtype = reference.dtype if dtype is None else dtype
+        n_kv_heads = self.config.n_kv_heads or self.config.n_heads
+        self.kv_caches = []
+        for block in self.blocks:
+            block.attention.kv_cache = KVCache(
+                batch_size, max_len, n_kv_heads, self.head_dim, device, dtype
+            )
+            self.kv_caches.append(block.attention.kv_cache)
+        self._cache_positions = None
+        self._cache_keys = 0
+
+    def _cached_step(self, input_ids, track_ids, positions) -> torch.Tensor:
+        """Run ``[B, T]`` new positions through the cache; returns hidden ``[B, T, D]``."""
+        if not self.kv_caches:
+            raise RuntimeError("no KV cache: call setup_cache(batch_size, max_len) first")
+        cache = self.kv_caches[0]
+        if input_ids.shape[0] != cache.k.shape[0]:
+            raise ValueError(
+                f"batch of {input_ids.shape[0]} rows but the cache was set up for {cache.k.shape[0]}"
+            )
+        n_keys = self._cache_keys + input_ids.shape[1]
+        if n_keys > cache.k.shape[2]:
+            raise RuntimeError(
+                f"KV cache full ({cache.k.shape[2]} positions): call setup_cache with a larger max_len"
+            )
+        self._cache_keys = n_keys
+        # Row b may attend to its keys at positions <= its own query position; this also hides
+        # the padding a shorter prompt left in the cache beyond its length.
+        key_positions = torch.arange(n_keys, device=positions.device)
+        key_mask = (key_positions <= positions.unsqueeze(-1)).unsqueeze(1)  # [B, 1, T, n_keys]
+        return self._trunk(self._embed(input_ids, track_ids), positions, True, key_mask)
+
+    @torch.no_grad()
+    def prefill(self, input_ids, track_ids, lengths) -> ModelOutput:
+        """Fill the cache with a right-padded prompt batch; ``lengths [B]`` counts each row's real
+        tokens. Returns logits at each row's last real position (``[B, V]`` per head; CPWord:
+        ``family`` and ``next_instrument`` only, then call ``field_logits``)."""
+        self._check_ids(input_ids, track_ids, step=False)
+        B, T = input_ids.shape[:2]
+        lengths = torch.as_tensor(lengths, device=input_ids.device)
+        if lengths.shape != (B,) or (lengths < 1).any() or (lengths > T).any():
+            raise ValueError(f"lengths {lengths.tolist()}: need one length in 1..{T} per row")
+        self._cache_keys = 0
+        positions = torch.arange(T, device=input_ids.device).expand(B, T)
+        hidden = self._cached_step(input_ids, track_ids, positions)
+        hidden = hidden[torch.arange(B, device=hidden.device), lengths - 1]
+        self._cache_positions = lengths.clone()
+        return ModelOutput(logits=self._head_logits(hidden), hidden=hidden)
+
+    @torch.no_grad()
+    def decode_step(self, input_ids, track_ids) -> ModelOutput:
+        """Append one token per row (``input_ids [B]`` or ``[B, 8]``, ``track_ids [B]``) at each
+        row's own position; returns the next-position logits ``[B, V]`` per head."""
+        if self._cache_positions is None:
+            raise RuntimeError("decode_step before prefill: call prefill(prompt, tracks, lengths)")
+        self._check_ids(input_ids, track_ids, step=True)
+        positions = self._cache_positions.unsqueeze(1)
+        hidden = self._cached_step(input_ids.unsqueeze(1), track_ids.unsqueeze(1), positions)[:, 0]
+        self._cache_positions += 1
+        return ModelOutput(logits=self._head_logits(hidden), hidden=hidden)
+
+    # ------------------------------------------------------------------ sizes
+    def num_parameters(self, non_embedding: bool = False) -> int:
+        """Parameter count (a tied matrix counted once). ``non_embedding`` leaves out tables used
+        only as lookups (token and track embeddings) but keeps a tied token table, which is also
+        the output projection and so does matmul work (nanoGPT's convention)."""
+        total = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            head_weights = {id(head.weight) for head in self.heads.values()}
+            lookups = [*self.token_embeddings, self.track_embedding]
+            total -= sum(
+                m.weight.numel()
+                for m in lookups
+                if m is not None and id(m.weight) not in head_weights
+            )
+        return total
+
+    def flops_per_token(self, seq_len: int) -> int:
+        """Training FLOPs per token (forward + backward) at context ``seq_len``: 6N for the
+        matmuls plus 12 * L * D * T for attention scores (PaLM appendix B, nanoGPT estimate_mfu)."""
+        n = self.num_parameters(non_embedding=True)
+        return 6 * n + 12 * self.config.n_layers * self.config.d_model * seq_len
+
+    # ------------------------------------------------------------------ files
+    def save_pretrained(self, directory, tokenizer=None) -> Path:
+        """Write ``model.safetensors`` + ``config.json`` (+ ``tokenizer.json`` via
+        ``tokenizer.save``). A tied head is stored once; loading re-ties it."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        # save_model drops the second name of a shared tensor (safetensors refuses aliases).
+        save_model(self, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
+        config = json.dumps(dataclasses.asdict(self.config), indent=2)
+        (directory / CONFIG_FILE).write_text(config + "\n")
+        if tokenizer is not None:
+            tokenizer.save(directory)
+        return directory
+
+    @classmethod
+    def from_pretrained(cls, directory, device="cpu") -> PolyphonyGPT:
+        """Load a ``save_pretrained`` directory in eval mode. Raises CheckpointError (one line,
+        naming the file) for a missing, empty, truncated or non-safetensors file or a bad config."""
+        directory = Path(directory)
+        config_path, weights_path = directory / CONFIG_FILE, directory / WEIGHTS_FILE
+        for path in (config_path, weights_path):
+            if not path.is_file():
+                raise CheckpointError(f"{path}: not found (expected a save_pretrained directory)")
+        try:
+            values = json.loads(config_path.read_text())
+            if not isinstance(values, dict):
+                raise ConfigError("expected a JSON object of model settings")
+            model = cls(model_config_from_dict(values))
+        except (json.JSONDecodeError, UnicodeDecodeError, ConfigError) as err:
+            raise CheckpointError(f"{config_path}: bad model config ({one_line(err)})") from err
+        if weights_path.stat().st_size == 0:
+            raise CheckpointError(f"{weights_path}: empty file (0 bytes); re-save the model")
+        try:
+            load_model(model, weights_path, strict=True, device="cpu")
+        except SafetensorError as err:
+            raise CheckpointError(
+                f"{weights_path}: not a complete safetensors file ({one_line(err)}); "
+                "it may be truncated or a pickle"
+            ) from err
+        except RuntimeError as err:  # missing / unexpected keys, shape mismatch
+            raise CheckpointError(
+                f"{weights_path}: weights do not match {config_path.name} ({one_line(err)})"
+            ) from err
+        return model.to(device).eval()
+
+
+def one_line(err: Exception) -> str:
+    return " ".join(str(err).split())
+
+
+def check_config(config: ModelConfig) -> None:
+    """Refuse a ModelConfig this model cannot be built from; messages name the key and the fix."""
+    if config.tokenization not in ("remi", "cpword"):
+        raise ConfigError(f"model.tokenization={config.tokenization!r}: expected remi or cpword")
+    n_fields = 8 if config.tokenization == "cpword" else 1
+    if len(config.vocab_sizes) != n_fields:
+        raise ConfigError(
+            f"model.vocab_sizes={config.vocab_sizes}: {config.tokenization} needs {n_fields} "
+            "size(s); fill it from the tokenizer (PolyTokenizer.vocab_sizes)"
+        )
+    if config.d_model % config.n_heads or (config.d_model // config.n_heads) % 2:
+        raise ConfigError(
+            f"model.d_model={config.d_model} must split into model.n_heads={config.n_heads} "
+            "heads of even width (rotary embeddings rotate pairs)"
+        )
+    n_kv_heads = config.n_kv_heads or config.n_heads
+    if config.n_heads % n_kv_heads:
+        raise ConfigError(
+            f"model.n_heads={config.n_heads} is not a multiple of model.n_kv_heads={n_kv_heads}"
+        )
+    if config.tokenization == "cpword":
+        allowed, required = (*CPWORD_FIELDS, "next_instrument"), CPWORD_FIELDS
+    else:
+        allowed, required = REMI_HEADS, ("next_token",)
+    unknown = [name for name in config.heads if name not in allowed]
+    missing = [name for name in required if name not in config.heads]
+    if unknown or missing:
+        problem = f"unknown {unknown}" if unknown else f"missing {missing}"
+        raise ConfigError(
+            f"model.heads: {problem}; a {config.tokenization} model takes {', '.join(allowed)} "
+            f"and needs {', '.join(required)} (to generate)"
+        )
+    if "next_type" in config.heads and (
+        config.n_token_types < 1 or len(config.token_types) != config.vocab_sizes[0]
+    ):
+        raise ConfigError(
+            "model.heads.next_type needs model.token_types (one type per token id) and "
+            "model.n_token_types; fill them from the tokenizer"
+        )
