@@ -1,6 +1,8 @@
-"""Measure a folder of generated MIDI, optionally beside a folder of real MIDI.
+"""Measure a folder of generated MIDI, optionally beside a folder of real MIDI; and a model's
+validation NLL per head on a prepared dataset.
 
     python -m polyphony.evaluate GENERATED_DIR [--reference REAL_DIR] [--json out.json]
+    python -m polyphony.evaluate --nll CHECKPOINT_DIR --dataset DATASET_DIR [--split validation]
 
 Prints one row per metric (generated mean ± std; with ``--reference`` also the reference mean ±
 std and the relative gap) and writes the full report, per piece included, as JSON. Metrics are
@@ -59,6 +61,69 @@ def evaluate(
             for name, summary in report["generated"]["metrics"].items()
         }
     return report
+
+
+def validation_nll(
+    checkpoint: str | Path,
+    dataset_dir: str | Path,
+    split: str = "validation",
+    batch_size: int = 8,
+    max_windows: int | None = None,
+) -> dict[str, Any]:
+    """Mean NLL (nats) and perplexity per head over the fixed, unaugmented windows of ``split``,
+    each head averaged over its own targets (as in training). Also NLL per note for the token
+    heads, which makes REMI and CPWord comparable."""
+    import torch
+
+    from polyphony.data.dataset import WindowDataset, tokenizer_of
+    from polyphony.model import PolyphonyGPT
+    from polyphony.tokenizer import PolyTokenizer
+    from polyphony.training import target_counts
+
+    model = PolyphonyGPT.from_pretrained(checkpoint).eval()
+    model_tokenizer = PolyTokenizer.load(checkpoint)
+    if tokenizer_of(dataset_dir).hash != model_tokenizer.hash:
+        raise ValueError(
+            f"{dataset_dir} was prepared with another tokenizer than {checkpoint}: prepare it "
+            f"again with the checkpoint's tokenizer.json"
+        )
+    dataset = WindowDataset(dataset_dir, split, model.config.max_seq_len, augment=False)
+    n_windows = len(dataset) if max_windows is None else min(len(dataset), max_windows)
+    heads = list(model.config.heads)
+    sums = torch.zeros(len(heads), dtype=torch.float64)
+    counts = torch.zeros(len(heads), dtype=torch.long)
+    notes = 0
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.Subset(dataset, range(n_windows)), batch_size=batch_size
+    )
+    with torch.no_grad():
+        for batch in loader:
+            output = model(**batch)
+            count = target_counts(batch, heads)
+            sums += torch.stack([output.losses[h].double() for h in heads]) * count
+            counts += count
+            notes += int(model_tokenizer.note_mask(batch["labels"].numpy()).sum())
+    result: dict[str, Any] = {"split": split, "windows": n_windows, "notes": notes, "heads": {}}
+    for head, total, count in zip(heads, sums.tolist(), counts.tolist(), strict=True):
+        mean = total / max(count, 1)
+        result["heads"][head] = {
+            "nll": mean,
+            "ppl": math.exp(min(mean, 50.0)),
+            "targets": count,
+            "nll_per_note": total / notes if notes else None,
+        }
+    return result
+
+
+def format_nll(result: dict[str, Any]) -> str:
+    lines = [f"{result['split']}: {result['windows']} windows, {result['notes']} notes"]
+    lines.append(f"{'head':<18}{'NLL (nats)':>12}{'perplexity':>12}{'NLL/note':>10}{'targets':>10}")
+    for head, row in result["heads"].items():
+        per_note = f"{row['nll_per_note']:.3f}" if row["nll_per_note"] is not None else "-"
+        lines.append(
+            f"{head:<18}{row['nll']:>12.4f}{row['ppl']:>12.2f}{per_note:>10}{row['targets']:>10}"
+        )
+    return "\n".join(lines)
 
 
 def relative_gap(generated_mean: float | None, reference_mean: float | None) -> float | None:
@@ -172,11 +237,36 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m polyphony.evaluate",
         description="Musical metrics and instrument fidelity of a folder of generated MIDI.",
     )
-    parser.add_argument("generated", type=Path, help="folder of generated .mid files (recursive)")
+    parser.add_argument(
+        "generated", type=Path, nargs="?", help="folder of generated .mid files (recursive)"
+    )
     parser.add_argument("--reference", type=Path, help="folder of real .mid files to compare with")
     parser.add_argument("--json", type=Path, help="write the full report (per piece too) here")
+    parser.add_argument("--nll", type=Path, metavar="CHECKPOINT", help="model directory to score")
+    parser.add_argument("--dataset", type=Path, help="with --nll: a prepared dataset directory")
+    parser.add_argument("--split", default="validation", help="with --nll (default validation)")
+    parser.add_argument(
+        "--max-windows", type=int, help="with --nll: score only the first N windows"
+    )
     args = parser.parse_args(argv)
 
+    if args.nll is not None:
+        if args.dataset is None:
+            parser.error(
+                "--nll needs --dataset DATASET_DIR (from python -m polyphony.data.prepare)"
+            )
+        try:
+            result = validation_nll(
+                args.nll, args.dataset, args.split, max_windows=args.max_windows
+            )
+        except (ValueError, FileNotFoundError) as error:
+            parser.error(str(error))
+        print(format_nll(result))
+        if args.json:
+            args.json.write_text(json.dumps(_json_ready(result), indent=2) + "\n")
+        return 0
+    if args.generated is None:
+        parser.error("give a folder of generated MIDI files (or --nll CHECKPOINT --dataset DIR)")
     try:
         report = evaluate(args.generated, args.reference)
     except FileNotFoundError as error:

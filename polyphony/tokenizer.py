@@ -40,7 +40,11 @@ SPECIAL_TOKENS = ["PAD", "BOS", "EOS", "MASK", "SEP"]
 N_SPECIALS = len(SPECIAL_TOKENS)  # ids 0..4 in every vocabulary (each CPWord column too)
 # Meters of real music beyond miditok's default set; a piece in any other meter is refused
 # (miditok would silently re-bar it as 4/4).
-TIME_SIGNATURES = {8: [1, 2, 3, 4, 5, 6, 7, 9, 12], 4: [1, 2, 3, 4, 5, 6, 7, 8, 9, 10], 2: [1, 2, 3, 4]}
+TIME_SIGNATURES = {
+    8: [1, 2, 3, 4, 5, 6, 7, 9, 12],
+    4: [1, 2, 3, 4, 5, 6, 7, 8, 9, 10],
+    2: [1, 2, 3, 4],
+}
 CPWORD_FIELDS = ("family", "position", "pitch", "velocity", "duration", "program", "tempo", "meter")
 # Token families of REMI, the targets of the `next_type` head.
 REMI_TOKEN_TYPES = (
@@ -245,6 +249,18 @@ class PolyTokenizer:
         )
         tracks = np.where(self._is_note_attribute[ids], inherited, GLOBAL_TRACK)
         return np.where(is_program, self._instrument_of[ids], tracks).astype(np.int64)
+
+    def note_mask(self, ids: np.ndarray) -> np.ndarray:
+        """True at the one position per note that carries its pitch (REMI Pitch/PitchDrum, CPWord
+        Note compound); -100 and padding are False. Counts notes, e.g. for NLL per note."""
+        ids = np.asarray(ids, dtype=np.int64)
+        if self.kind == "cpword":
+            return ids[..., 0] == self.family_note_id
+        is_pitch = np.isin(
+            np.asarray(self.token_types),
+            [REMI_TOKEN_TYPES.index("Pitch"), REMI_TOKEN_TYPES.index("PitchDrum")],
+        )
+        return (ids >= 0) & is_pitch[np.clip(ids, 0, len(is_pitch) - 1)]
 
     def labels_for(self, ids: np.ndarray, track_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Next-position targets for a window ``ids[0..T]``: returns (labels, label_track_ids) of

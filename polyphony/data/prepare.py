@@ -45,7 +45,7 @@ import sys
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from multiprocessing.connection import wait
 from pathlib import Path
 
@@ -791,8 +791,12 @@ def prepare_dataset(
     data_config: DataConfig,
     workers: int | None = None,
     progress: bool = True,
+    tokenizer: PolyTokenizer | None = None,
 ) -> PrepareSummary:
     """Tokenize every MIDI file below ``midi_dir`` into the dataset format of ``out_dir``.
+
+    ``tokenizer``: use this vocabulary (e.g. a trained model's tokenizer.json, to fine-tune or
+    score it) instead of building one from ``data_config.tokenization``.
 
     ``workers``: isolated worker processes (default ``data_config.workers``); 0 runs in this
     process without timeout or memory guard (debugging and benchmarks only).
@@ -805,7 +809,10 @@ def prepare_dataset(
         raise PrepareError(f"{midi_dir}: MIDI folder not found (give a folder of .mid files)")
     if workers < 0:
         raise PrepareError(f"workers={workers}: expected >= 1 (or 0 for no isolation)")
-    tokenizer = PolyTokenizer.build(data_config.tokenization)
+    if tokenizer is None:
+        tokenizer = PolyTokenizer.build(data_config.tokenization)
+    elif tokenizer.kind != data_config.tokenization:
+        data_config = replace(data_config, tokenization=tokenizer.kind)
     if max(tokenizer.vocab_sizes) > np.iinfo(np.int16).max:
         raise PrepareError(f"vocabulary of {max(tokenizer.vocab_sizes)} ids does not fit int16")
 
@@ -932,6 +939,12 @@ def main(argv: list[str] | None = None) -> int:
         "--workers", type=int, help="isolated worker processes (default: data.workers)"
     )
     parser.add_argument("--tokenization", choices=TOKENIZATIONS)
+    parser.add_argument(
+        "--tokenizer",
+        type=Path,
+        help="tokenizer.json (or a model directory holding one) whose vocabulary to use, "
+        "e.g. to fine-tune or score a trained model",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args, overrides = parser.parse_known_args(argv)
     if args.tokenization:
@@ -944,8 +957,9 @@ def main(argv: list[str] | None = None) -> int:
             config.data,
             workers=args.workers,
             progress=not args.no_progress,
+            tokenizer=PolyTokenizer.load(args.tokenizer) if args.tokenizer else None,
         )
-    except (ConfigError, PrepareError) as err:
+    except (ConfigError, PrepareError, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     print(summary.format())
