@@ -1,0 +1,256 @@
+"""Generation speed: polyphony's constrained, KV-cached decoding against Hugging Face
+``GPT2LMHeadModel.generate`` of the same size, and the peak memory of a CPU generation.
+
+    python benchmarks/generate.py                        # configs/small.yaml, 256 new tokens
+    python benchmarks/generate.py --new-tokens 64 --rounds 1   # quicker
+
+Both models are randomly initialised with the config's layers, width and heads and the REMI
+vocabulary (632 tokens), float32, dropout 0, the same thread count. Each generation samples
+(temperature 1, no top-k / top-p) ``--new-tokens`` tokens after the instrument header of
+"piano, bass, drums", prefill included:
+
+* polyphony: ``polyphony.generation.sample_tokens`` (grammar and instrument constraints, per-row
+  state, tqdm off) with a bar budget too large to end the piece, so it runs to the token cap
+  (the closing rules end it within the last few tokens); eager, and with ``--compile``
+  (``compile_decoder``: torch.compile of each block, compiled during the warm-up run, whose time
+  is reported); CPWord rows for reference;
+* GPT-2: ``generate(do_sample=True, top_k=0, min_new_tokens=N, max_new_tokens=N, use_cache=True)``.
+
+notes/s counts the notes of the decoded output (GPT-2's unconstrained tokens are decoded by the
+same, lenient, tokenizer). Rounds alternate between the models and the median is reported,
+so both see the same machine load. Peak RSS is the peak resident memory (``VmHWM``) of a child
+process that imports polyphony, builds the model and generates once (batch 1). Prints a table, then one JSON line
+(``--json FILE`` also writes it). Needs the ``bench`` extra (transformers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+import torch
+
+from polyphony.config import load_config
+from polyphony.generation import (
+    Checkpoint,
+    Sampling,
+    compile_decoder,
+    make_plan,
+    sample_tokens,
+    to_score,
+)
+from polyphony.model import PolyphonyGPT
+from polyphony.tokenizer import CPWORD_FIELDS, DecodeError, PolyTokenizer, note_count
+
+REPO = Path(__file__).resolve().parents[1]
+INSTRUMENTS = "piano, bass, drums"
+
+
+def build_ours(config_path: str, kind: str) -> Checkpoint:
+    config = load_config(config_path).model
+    tokenizer = PolyTokenizer.build(kind)
+    config.tokenization, config.dropout = kind, 0.0
+    config.vocab_sizes, config.token_types = (
+        list(tokenizer.vocab_sizes),
+        list(tokenizer.token_types),
+    )
+    config.n_token_types = tokenizer.n_token_types
+    if kind == "cpword":
+        config.heads = {name: 1.0 for name in CPWORD_FIELDS}
+    torch.manual_seed(0)
+    return Checkpoint(model=PolyphonyGPT(config).eval(), tokenizer=tokenizer)
+
+
+def build_hf(config_path: str, tokenizer: PolyTokenizer):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = load_config(config_path).model
+    hf_config = GPT2Config(
+        vocab_size=tokenizer.vocab_sizes[0], n_positions=config.max_seq_len, n_embd=config.d_model,
+        n_layer=config.n_layers, n_head=config.n_heads, resid_pdrop=0.0, embd_pdrop=0.0,
+        attn_pdrop=0.0, bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id,
+        pad_token_id=tokenizer.pad_id,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(hf_config).eval()
+
+
+def run_ours(
+    checkpoint: Checkpoint, batch: int, new_tokens: int, seed: int
+) -> tuple[float, int, int]:
+    """(seconds, new tokens, notes) of one batched generation."""
+    plan = make_plan(
+        checkpoint.tokenizer, instruments=INSTRUMENTS, bars=10**6, max_tokens=new_tokens
+    )
+    start = time.perf_counter()
+    rows = sample_tokens(checkpoint, plan, Sampling(), num_samples=batch, seed=seed)
+    seconds = time.perf_counter() - start
+    tokens = sum(len(row) - len(plan.header) for row in rows)
+    notes = sum(note_count(to_score(checkpoint.tokenizer, row, plan)) for row in rows)
+    return seconds, tokens, notes
+
+
+def run_hf(model, tokenizer: PolyTokenizer, batch: int, new_tokens: int, seed: int):
+    header = torch.as_tensor(tokenizer.header([0, 33, 128]))[None].expand(batch, -1)
+    torch.manual_seed(seed)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        output = model.generate(
+            header, attention_mask=torch.ones_like(header), do_sample=True, top_k=0,
+            min_new_tokens=new_tokens, max_new_tokens=new_tokens, use_cache=True,
+        )  # fmt: skip
+    seconds = time.perf_counter() - start
+    notes = 0
+    for row in output.numpy():
+        try:
+            notes += note_count(tokenizer.decode(row))
+        except DecodeError:
+            pass
+    return seconds, (output.shape[1] - header.shape[1]) * batch, notes
+
+
+def measure(runs: dict, rounds: int) -> dict:
+    """Alternate the runs ``rounds`` times after a warm-up; median seconds per run."""
+    warm_up = {}
+    for name, run in runs.items():
+        warm_up[name] = run(seed=0)[0]
+    samples = {name: [] for name in runs}
+    for round_ in range(rounds):
+        for name, run in runs.items():
+            samples[name].append(run(seed=round_ + 1))
+    results = {}
+    for name, values in samples.items():
+        seconds, tokens, notes = sorted(values)[len(values) // 2]
+        results[name] = {
+            "seconds": round(seconds, 3),
+            "new_tokens": tokens,
+            "tokens_per_s": round(tokens / seconds, 1),
+            "notes_per_s": round(notes / seconds, 1),
+            "warm_up_seconds": round(warm_up[name], 2),  # includes compilation
+        }
+    return results
+
+
+def peak_rss_kib() -> int:
+    """This process's peak resident memory. VmHWM belongs to the process image: ru_maxrss also
+    counts the parent's memory at fork time (Linux keeps it across exec)."""
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+
+
+def peak_rss_mb(config: str, new_tokens: int) -> float:
+    """Peak resident memory of a fresh process that builds the model and generates once at
+    batch 1 (MiB)."""
+    command = [sys.executable, __file__, "--config", config, "--new-tokens", str(new_tokens),
+               "--peak-rss-child"]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, check=True)
+    return round(int(result.stdout.split()[-1]) / 1024, 1)
+
+
+def machine() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import transformers
+
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "load_average": [round(x, 1) for x in os.getloadavg()],
+        "date": date.today().isoformat(),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config", default=str(REPO / "configs" / "small.yaml"))
+    parser.add_argument("--new-tokens", type=int, default=256)
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    parser.add_argument("--json", help="also write the JSON here")
+    parser.add_argument("--peak-rss-child", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.peak_rss_child:  # the measured process of peak_rss_mb
+        run_ours(build_ours(args.config, "remi"), 1, args.new_tokens, seed=0)
+        print(peak_rss_kib())
+        return
+
+    remi, cpword = build_ours(args.config, "remi"), build_ours(args.config, "cpword")
+    compiled = build_ours(args.config, "remi")  # same weights (same seed), blocks compiled
+    compile_decoder(compiled.model)
+    hf = build_hf(args.config, remi.tokenizer)
+    n = args.new_tokens
+    rows, ratios = [], {}
+    for batch in args.batches:
+        runs = {
+            "polyphony (REMI)": lambda seed, b=batch: run_ours(remi, b, n, seed),
+            "HF GPT-2 generate": lambda seed, b=batch: run_hf(hf, remi.tokenizer, b, n, seed),
+            "polyphony (REMI, --compile)": lambda seed, b=batch: run_ours(compiled, b, n, seed),
+            "polyphony (CPWord)": lambda seed, b=batch: run_ours(cpword, b, n, seed),
+        }
+        results = measure(runs, args.rounds)
+        for name, result in results.items():
+            rows.append({"implementation": name, "batch": batch, **result})
+        theirs = results["HF GPT-2 generate"]["tokens_per_s"]
+        ratios[f"batch_{batch}"] = {
+            "eager": round(results["polyphony (REMI)"]["tokens_per_s"] / theirs, 2),
+            "compiled": round(results["polyphony (REMI, --compile)"]["tokens_per_s"] / theirs, 2),
+        }
+
+    report = {
+        "config": Path(args.config).name,
+        "parameters": {
+            "polyphony": remi.model.num_parameters(),
+            "hf_gpt2": sum(p.numel() for p in hf.parameters()),
+        },
+        "new_tokens": n,
+        "rows": rows,
+        "ratio_tokens_per_s_polyphony_over_hf": ratios,
+        "peak_rss_mb_cpu_generation": peak_rss_mb(args.config, n),
+        "machine": machine(),
+    }
+    print("| implementation | batch | new tokens | seconds | tokens/s | notes/s | warm-up s |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for row in rows:
+        print(
+            f"| {row['implementation']} | {row['batch']} | {row['new_tokens']} | "
+            f"{row['seconds']:.2f} | {row['tokens_per_s']:.1f} | {row['notes_per_s']:.1f} | "
+            f"{row['warm_up_seconds']:.1f} |"
+        )
+    for batch, ratio in ratios.items():
+        print(
+            f"polyphony / HF tokens/s at {batch.replace('_', ' ')}: {ratio['eager']:.2f}x "
+            f"(eager), {ratio['compiled']:.2f}x (--compile)"
+        )
+    print(f"peak RSS of a CPU generation: {report['peak_rss_mb_cpu_generation']} MiB")
+    line = json.dumps(report)
+    print(line)
+    if args.json:
+        Path(args.json).write_text(line + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,161 @@
+"""Generate multi-track MIDI with a polyphony model.
+
+    python generate.py --instruments "piano, bass, drums" --bars 32 -o song.mid
+    python generate.py --prompt in.mid --prompt-bars 4 --bars 16 -o more.mid
+    python generate.py --arrange in.mid --add "strings, drums" -o arranged.mid
+    python generate.py --instruments "piano, violin" --num-samples 4 --seed 7 -o take.mid --plot
+
+``--bars`` counts the bars to generate (after the prompt, if any). See docs/generation.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+
+from polyphony.generation import (
+    DEFAULT_CHECKPOINT,
+    GenerationError,
+    generate,
+    output_paths,
+    parse_field_temperature,
+    write_midi,
+)
+from polyphony.instruments import InstrumentError
+from polyphony.model import CheckpointError
+from polyphony.render import RenderError, plot_piano_roll, render_wav
+from polyphony.tokenizer import DecodeError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0],
+        epilog="Instrument names: `python -m polyphony.instruments` lists them all.",
+    )
+    what = parser.add_argument_group("what to generate")
+    what.add_argument("--instruments", help='instrument list, e.g. "piano, bass, drums"')
+    what.add_argument("--bars", type=int, help="bars to generate (default 16)")
+    what.add_argument("--prompt", metavar="MIDI", help="continue this MIDI file")
+    what.add_argument(
+        "--prompt-bars", type=int, metavar="N", help="use its first N bars (default all)"
+    )
+    what.add_argument("--arrange", metavar="MIDI", help="add instruments to this MIDI file")
+    what.add_argument("--add", metavar="INSTRUMENTS", help='with --arrange: e.g. "strings, drums"')
+    what.add_argument("--tempo", type=float, metavar="BPM", help="fix the tempo of a new piece")
+    what.add_argument(
+        "--time-signature", metavar="N/D", help='fix the meter of a new piece, e.g. "3/4"'
+    )
+
+    how = parser.add_argument_group("sampling")
+    how.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (default 1.0)")
+    how.add_argument("--top-k", type=int, default=0, help="keep the k likeliest tokens (0 = off)")
+    how.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (1.0 = off)")
+    how.add_argument(
+        "--field-temperature",
+        metavar="F=T,...",
+        help="CPWord: per field, e.g. pitch=0.9,duration=0.8",
+    )
+    how.add_argument("--seed", type=int, help="same seed, same output (default: random, printed)")
+    how.add_argument("--num-samples", type=int, default=1, help="generated as one batch")
+    how.add_argument("--max-tokens", type=int, help="cap on the tokens the model writes")
+
+    run = parser.add_argument_group("model and output")
+    run.add_argument(
+        "-o", "--output", default="song.mid", help="MIDI file (several: song_0.mid, ...)"
+    )
+    run.add_argument(
+        "--checkpoint", metavar="DIR", help=f"model directory (default {DEFAULT_CHECKPOINT})"
+    )
+    run.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: cuda if available)")
+    run.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="CPU threads (default 1: one decode step is too small to split, and a second "
+        "thread mostly waits; raise it for large --num-samples)",
+    )
+    run.add_argument("--compile", action="store_true", help="torch.compile the decoder blocks")
+    run.add_argument("--render", choices=["wav"], help="also write a WAV next to each MIDI file")
+    run.add_argument("--soundfont", metavar="SF2", help="General MIDI soundfont for --render")
+    run.add_argument("--plot", action="store_true", help="also write a piano-roll PNG")
+    run.add_argument("--quiet", action="store_true", help="no progress bar or notes")
+    return parser
+
+
+@contextmanager
+def notes_on_stderr(quiet: bool):
+    """polyphony's notes (the seed, collapsed duplicates, ...) on stderr while the command runs;
+    nothing is left configured afterwards (``main`` is also called in-process, by tests)."""
+    logger = logging.getLogger("polyphony")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.WARNING if quiet else logging.INFO)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    with notes_on_stderr(args.quiet):
+        return run(args)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    torch.set_num_threads(max(1, args.threads))
+    try:
+        scores = generate(
+            instruments=args.instruments,
+            bars=args.bars,
+            prompt=args.prompt,
+            prompt_bars=args.prompt_bars,
+            arrange=args.arrange,
+            add=args.add,
+            tempo=args.tempo,
+            time_signature=args.time_signature,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            field_temperature=parse_field_temperature(args.field_temperature),
+            num_samples=args.num_samples,
+            max_tokens=args.max_tokens,
+            seed=args.seed,
+            checkpoint=args.checkpoint,
+            device=args.device,
+            compile=args.compile,
+            progress=not args.quiet,
+        )
+        scores = scores if isinstance(scores, list) else [scores]
+        for score, path in zip(scores, output_paths(args.output, len(scores)), strict=True):
+            print(write_midi(score, path))
+            if args.render == "wav":
+                print(render_wav(score, path.with_suffix(".wav"), args.soundfont))
+            if args.plot:
+                print(plot_piano_roll(score, path.with_suffix(".png"), title=Path(path).name))
+    except (
+        GenerationError,
+        InstrumentError,
+        CheckpointError,
+        DecodeError,
+        RenderError,
+        OSError,
+    ) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,449 @@
+"""Generation: the instrument contract, arrangement, continuation, determinism, the KV cache,
+the grammar, the token budget, and the CLI's error messages.
+
+The models are tiny (configs/tiny.yaml's shape) and trained for a few dozen steps on the fixture
+corpus in a plain torch loop, so they write something music-like but far from good: the
+constraints, not the model, must make every output valid. Their context is cut to
+``CONTEXT`` tokens so that pieces of a few bars already overflow it and the cache is refilled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import itertools
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from symusic import Score
+from torch.utils.data import DataLoader
+
+from polyphony.config import load_config
+from polyphony.data.dataset import WindowDataset, tokenizer_of
+from polyphony.generation import (
+    GenerationError,
+    RemiGrammar,
+    Sampling,
+    generate,
+    grammar_violations,
+    load_checkpoint,
+    make_plan,
+    resolve_instruments,
+    sample_tokens,
+    to_score,
+    validate_score,
+    write_midi,
+)
+from polyphony.instruments import DRUMS, GLOBAL_TRACK, instrument_name, program_to_instrument
+from polyphony.metrics import instrument_fidelity, read_request
+from polyphony.model import PolyphonyGPT
+from polyphony.render import RenderError, find_soundfont, plot_piano_roll, render_wav
+from polyphony.tokenizer import CPWORD_FIELDS, DecodeError, PolyTokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+KINDS = ("remi", "cpword")
+CONTEXT = 128  # model context: a few bars of several instruments overflow it
+TRAIN_STEPS = 40
+ADDABLE = (DRUMS, 48, 73, 56)  # strings, flute, trumpet: instruments to arrange onto a piece
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Decode steps of a tiny model are too small to parallelise; on a shared 2-core machine
+    extra threads only spin. Restored afterwards for the other test modules."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def train_tiny_model(dataset_dir: Path, out_dir: Path) -> float:
+    """configs/tiny.yaml's model, TRAIN_STEPS AdamW steps on the train split, saved with its
+    tokenizer; returns the loss drop (first - last)."""
+    tokenizer = tokenizer_of(dataset_dir)
+    shape = load_config(REPO / "configs" / "tiny.yaml").model
+    heads = shape.heads if tokenizer.kind == "remi" else {f: 1.0 for f in CPWORD_FIELDS}
+    config = dataclasses.replace(
+        shape, tokenization=tokenizer.kind, max_seq_len=CONTEXT, heads=heads,
+        vocab_sizes=list(tokenizer.vocab_sizes), token_types=list(tokenizer.token_types),
+        n_token_types=tokenizer.n_token_types,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = PolyphonyGPT(config).train()
+    windows = WindowDataset(dataset_dir, "train", CONTEXT, seed=0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    batches = itertools.cycle(DataLoader(windows, batch_size=8))
+    for batch in itertools.islice(batches, TRAIN_STEPS):
+        out = model(
+            batch["input_ids"], batch["track_ids"], batch["labels"], batch["label_track_ids"]
+        )
+        out.loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(out.loss.item())
+    model.eval().save_pretrained(out_dir, tokenizer)
+    return losses[0] - losses[-1]
+
+
+@pytest.fixture(scope="module")
+def checkpoint_dirs(prepared_remi, prepared_cpword, tmp_path_factory) -> dict[str, Path]:
+    dirs = {}
+    for kind, dataset in zip(KINDS, (prepared_remi, prepared_cpword), strict=True):
+        dirs[kind] = tmp_path_factory.mktemp(f"tiny_{kind}")
+        assert train_tiny_model(dataset, dirs[kind]) > 0, f"the {kind} model did not learn"
+    return dirs
+
+
+@pytest.fixture(scope="module")
+def checkpoints(checkpoint_dirs):
+    return {kind: load_checkpoint(path, "cpu") for kind, path in checkpoint_dirs.items()}
+
+
+@pytest.fixture(scope="module")
+def small_piece(fixture_midi_dir) -> Score:
+    """The first 4 bars of a real fixture in one meter, with 1..3 instruments playing in them
+    and something left to add (arrangement and continuation prompts)."""
+    for path in sorted(fixture_midi_dir.rglob("*.mid")):
+        score = Score(str(path))
+        if len(score.time_signatures) != 1:
+            continue
+        (ts,) = score.time_signatures
+        bar = score.ticks_per_quarter * 4 * ts.numerator // ts.denominator
+        piece = score.clip(0, 4 * bar)
+        piece.tracks = [t for t in piece.tracks if t.notes]
+        instruments = {program_to_instrument(t.program, t.is_drum) for t in piece.tracks}
+        if 1 <= len(instruments) <= 3 and len(set(ADDABLE) - instruments) >= 2:
+            return piece
+    pytest.fail("no fixture in one meter with 1-3 instruments in its first 4 bars")
+
+
+def bar_count(tokenizer: PolyTokenizer, ids: np.ndarray) -> int:
+    if tokenizer.kind == "remi":
+        return int((ids == tokenizer.miditok.vocab["Bar_None"]).sum())
+    bar = tokenizer.miditok.vocab[CPWORD_FIELDS.index("position")]["Bar_None"]
+    return int(((ids[:, 0] == tokenizer.family_metric_id) & (ids[:, 1] == bar)).sum())
+
+
+def notes_of(score: Score) -> dict[int, list[tuple[int, ...]]]:
+    """instrument -> sorted (time, duration, pitch, velocity) of its notes."""
+    table = {}
+    for track in score.tracks:
+        n = track.notes.numpy()
+        rows = zip(
+            *(n[k].astype(int).tolist() for k in ("time", "duration", "pitch", "velocity")),
+            strict=True,
+        )
+        table[program_to_instrument(track.program, track.is_drum)] = sorted(rows)
+    return table
+
+
+def quantised(tokenizer: PolyTokenizer, score: Score) -> Score:
+    """What the tokenizer keeps of a score (the documented quantisation)."""
+    return tokenizer.decode(tokenizer.encode(score).ids)
+
+
+# ----------------------------------------------------------------------------- the contract
+instrument_lists = st.lists(
+    st.one_of(st.just(DRUMS), st.integers(0, 127)), min_size=1, max_size=8, unique=True
+)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@settings(max_examples=50, deadline=None)
+@given(
+    instruments=instrument_lists,
+    bars=st.integers(1, 2),
+    tight_budget=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_tracks_are_exactly_the_requested_instruments(
+    checkpoints, tmp_path_factory, kind, instruments, bars, tight_budget, seed
+):
+    """Whatever the list, and also when the token budget forces the missing instruments in."""
+    checkpoint = checkpoints[kind]
+    cost = RemiGrammar.NOTE_COST if kind == "remi" else 1
+    budget = cost * len(instruments) + 24 if tight_budget else None
+    plan = make_plan(checkpoint.tokenizer, instruments=instruments, bars=bars, max_tokens=budget)
+    (ids,) = sample_tokens(checkpoint, plan, Sampling(), seed=seed)
+    assert grammar_violations(checkpoint.tokenizer, ids) == []
+    path = write_midi(
+        to_score(checkpoint.tokenizer, ids, plan), tmp_path_factory.getbasetemp() / f"{kind}.mid"
+    )
+
+    written = Score(str(path))  # strict parsing
+    assert [program_to_instrument(t.program, t.is_drum) for t in written.tracks] == instruments
+    assert [t.name for t in written.tracks] == [instrument_name(i) for i in instruments]
+    assert all(t.notes for t in written.tracks)
+    assert read_request(written) == instruments
+    fidelity = instrument_fidelity(written)
+    assert fidelity["precision"] == fidelity["recall"] == 1.0
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_tight_token_budget_still_plays_every_instrument(checkpoints, kind):
+    """Close to the cap, Programs of the missing instruments are forced (docs/generation.md)."""
+    checkpoint = checkpoints[kind]
+    instruments = [0, 24, 33, 40, 56, 65, 73, DRUMS]
+    cost = RemiGrammar.NOTE_COST if kind == "remi" else 1
+    budget = cost * len(instruments) + 8
+    plan = make_plan(checkpoint.tokenizer, instruments=instruments, bars=8, max_tokens=budget)
+    for ids in sample_tokens(checkpoint, plan, Sampling(), num_samples=3, seed=1):
+        assert len(ids) - len(plan.header) <= budget
+        assert grammar_violations(checkpoint.tokenizer, ids) == []
+        score = to_score(checkpoint.tokenizer, ids, plan)
+        assert instrument_fidelity(score)["recall"] == 1.0
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_pieces_have_the_requested_bars_meter_and_tempo(checkpoints, kind):
+    checkpoint = checkpoints[kind]
+    plan = make_plan(
+        checkpoint.tokenizer, instruments="bass, drums", bars=3, tempo=90, time_signature="3/4"
+    )
+    for ids in sample_tokens(checkpoint, plan, Sampling(), num_samples=2, seed=2):
+        assert bar_count(checkpoint.tokenizer, ids) == 3
+        score = to_score(checkpoint.tokenizer, ids, plan)
+        assert [(ts.numerator, ts.denominator) for ts in score.time_signatures] == [(3, 4)]
+        assert score.tempos and all(abs(t.qpm - 90) < 4 for t in score.tempos)
+
+
+def test_duplicates_collapse_and_more_than_15_pitched_instruments_are_refused():
+    assert resolve_instruments("piano, bass, Acoustic Grand Piano, drums, drum") == [0, 33, DRUMS]
+    assert len(resolve_instruments([*range(15), DRUMS])) == 16
+    with pytest.raises(GenerationError, match="15"):
+        resolve_instruments(list(range(16)))
+
+
+def test_conflicting_requests_are_refused(small_piece):
+    tokenizer = PolyTokenizer.build("remi")
+    with pytest.raises(GenerationError, match="exclude"):
+        make_plan(tokenizer, prompt=small_piece, arrange=small_piece, add="drums")
+    with pytest.raises(GenerationError, match="--add"):
+        make_plan(tokenizer, arrange=small_piece)
+    present = tokenizer.instruments_of(small_piece)[0]
+    with pytest.raises(GenerationError, match="already in"):
+        make_plan(tokenizer, arrange=small_piece, add=[present])
+    with pytest.raises(GenerationError, match="vocabulary"):
+        make_plan(tokenizer, instruments="piano", time_signature="11/8")
+
+
+# ----------------------------------------------------------------------------- the other modes
+@pytest.mark.parametrize("kind", KINDS)
+def test_arrangement_keeps_every_existing_note_and_adds_parts(checkpoints, small_piece, kind):
+    checkpoint = checkpoints[kind]
+    existing = notes_of(quantised(checkpoint.tokenizer, small_piece))
+    added = [i for i in ADDABLE if i not in existing][:2]
+    plan = make_plan(checkpoint.tokenizer, arrange=small_piece, add=added)
+    for ids in sample_tokens(checkpoint, plan, Sampling(), num_samples=2, seed=3):
+        assert grammar_violations(checkpoint.tokenizer, ids) == []
+        output = notes_of(to_score(checkpoint.tokenizer, ids, plan))
+        assert list(output) == plan.instruments
+        assert set(plan.instruments) == set(existing) | set(added)
+        for instrument, notes in existing.items():
+            assert output[instrument] == notes, instrument_name(instrument)
+        assert all(output[instrument] for instrument in added)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_continuation_starts_with_the_quantised_prompt(checkpoints, small_piece, kind):
+    checkpoint = checkpoints[kind]
+    prompt = quantised(checkpoint.tokenizer, small_piece)
+    (ts,) = prompt.time_signatures
+    prompt_end = 2 * prompt.ticks_per_quarter * 4 * ts.numerator // ts.denominator  # 2 bars
+    expected = {i: [n for n in notes if n[0] < prompt_end] for i, notes in notes_of(prompt).items()}
+    assert any(not notes for notes in expected.values()), "want an instrument entering later"
+    plan = make_plan(checkpoint.tokenizer, prompt=small_piece, prompt_bars=2, bars=2)
+    for ids in sample_tokens(checkpoint, plan, Sampling(), num_samples=2, seed=4):
+        assert grammar_violations(checkpoint.tokenizer, ids) == []
+        assert bar_count(checkpoint.tokenizer, ids) == 4
+        output = notes_of(to_score(checkpoint.tokenizer, ids, plan))
+        assert sorted(output) == sorted(expected)  # the file's instruments, also the late one
+        for instrument, notes in expected.items():
+            assert [n for n in output[instrument] if n[0] < prompt_end] == notes
+
+
+def test_continuation_instruments_restrict_and_add(small_piece):
+    tokenizer = PolyTokenizer.build("remi")
+    in_file = tokenizer.instruments_of(small_piece)
+    kept, added = in_file[0], next(i for i in ADDABLE if i not in in_file)
+    plan = make_plan(tokenizer, prompt=small_piece, prompt_bars=2, instruments=[kept, added])
+    assert plan.instruments == plan.required == [kept, added]
+    played = set(tokenizer.track_ids(plan.prompt_body).tolist()) - {GLOBAL_TRACK}
+    assert played == {kept}
+
+
+# ----------------------------------------------------------------------------- decoding
+def test_same_seed_same_file_different_seed_different_file(checkpoints):
+    def midi(seed):
+        return generate(
+            "piano, bass, drums", bars=1, seed=seed, checkpoint=checkpoints["remi"]
+        ).dumps_midi()
+
+    assert midi(5) == midi(5)
+    assert midi(5) != midi(6)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_cached_decode_matches_full_forward(checkpoints, kind):
+    checkpoint = checkpoints[kind]
+    plan = make_plan(
+        checkpoint.tokenizer, instruments="piano, bass, drums", bars=16, max_tokens=200
+    )
+    greedy = Sampling(temperature=0.0)
+    cached = sample_tokens(checkpoint, plan, greedy, num_samples=2, seed=0)
+    full = sample_tokens(checkpoint, plan, greedy, num_samples=2, seed=0, use_cache=False)
+    assert max(len(ids) for ids in cached) > CONTEXT, "too short to exercise the context refill"
+    for a, b in zip(cached, full, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_the_grammar_checker_rejects_broken_sequences(small_piece, kind):
+    tokenizer = PolyTokenizer.build(kind)
+    ids = tokenizer.encode(small_piece).ids
+    assert grammar_violations(tokenizer, ids) == []
+    header = len(tokenizer.header(tokenizer.instruments_of(small_piece)))
+    without_first_bar = np.delete(ids, header, axis=0)  # the body must open with a Bar
+    assert grammar_violations(tokenizer, without_first_bar)
+    reversed_body = np.concatenate([ids[:header], ids[header:][::-1]])
+    assert grammar_violations(tokenizer, reversed_body)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_garbage_ids_decode_to_a_valid_score_or_a_decode_error(kind):
+    tokenizer = PolyTokenizer.build(kind)
+    rng = np.random.default_rng(0)
+    outcomes = set()
+    for length in rng.integers(0, 300, size=100):
+        ids = np.stack([rng.integers(0, size, length) for size in tokenizer.vocab_sizes], -1)
+        ids = ids[:, 0] if kind == "remi" else ids
+        try:
+            score = tokenizer.decode(ids)
+        except DecodeError:
+            outcomes.add("DecodeError")
+            continue
+        validate_score(score)
+        Score.from_midi(score.dumps_midi())
+        outcomes.add("score")
+    assert "score" in outcomes
+
+
+# ----------------------------------------------------------------------------- outputs
+def test_piano_roll_png_and_wav(checkpoints, tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    score = generate("piano, drums", bars=2, seed=7, checkpoint=checkpoints["remi"])
+    png = plot_piano_roll(score, tmp_path / "roll.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    with pytest.raises(RenderError, match="not found"):
+        render_wav(score, tmp_path / "x.wav", soundfont=tmp_path / "missing.sf2")
+    monkeypatch.delenv("POLYPHONY_SOUNDFONT", raising=False)
+    with monkeypatch.context() as patched:
+        patched.setattr("polyphony.render.SYSTEM_SOUNDFONTS", ())
+        with pytest.raises(RenderError, match="apt-get install fluid-soundfont-gm"):
+            render_wav(score, tmp_path / "x.wav")
+    try:
+        find_soundfont()
+    except RenderError:
+        pytest.skip("no General MIDI soundfont installed to render a WAV with")
+    wav = render_wav(score, tmp_path / "song.wav")
+    samples = np.frombuffer(wav.read_bytes()[44:], dtype=np.int16)
+    assert np.abs(samples).max() > 0
+
+
+# ----------------------------------------------------------------------------- the CLI
+@pytest.fixture(scope="module")
+def cli_main():
+    """generate.py's ``main`` (in-process: no interpreter start per case)."""
+    spec = importlib.util.spec_from_file_location("generate_cli", REPO / "generate.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+@pytest.fixture(scope="module")
+def broken_inputs(checkpoint_dirs, tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("broken")
+    remi = checkpoint_dirs["remi"]
+    (root / "garbage.mid").write_bytes(b"MThd but not really a MIDI file")
+    shutil.copytree(remi, root / "mismatched")
+    shutil.copy(
+        checkpoint_dirs["cpword"] / "tokenizer.json", root / "mismatched" / "tokenizer.json"
+    )
+    shutil.copytree(remi, root / "truncated")
+    weights = root / "truncated" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    (root / "empty").mkdir()
+    return {"root": root, "remi": remi}
+
+
+PIECE = ("--instruments", "piano, bass, drums", "--bars", "1")
+CLI_FAILURES = {
+    "unknown instrument 'trumpetz'": ("--instruments", "piano, trumpetz", "--checkpoint", "{remi}"),
+    "cannot read the prompt MIDI file": (
+        "--prompt",
+        "{root}/garbage.mid",
+        "--checkpoint",
+        "{remi}",
+    ),
+    "prompt file not found": ("--prompt", "{root}/missing.mid", "--checkpoint", "{remi}"),
+    "checkpoint directory not found": (*PIECE, "--checkpoint", "{root}/nowhere"),
+    "tokenizer.json: not found": (*PIECE, "--checkpoint", "{root}/empty"),
+    "tokenizer mismatch": (*PIECE, "--checkpoint", "{root}/mismatched"),
+    "model.safetensors": (*PIECE, "--checkpoint", "{root}/truncated"),
+    "exclude each other": ("--prompt", "{root}/garbage.mid", "--arrange", "{root}/garbage.mid"),
+}
+
+
+@pytest.mark.parametrize("expected", CLI_FAILURES)
+def test_cli_errors_are_one_line(cli_main, broken_inputs, capsys, expected):
+    args = [arg.format(**broken_inputs) for arg in CLI_FAILURES[expected]]
+    assert cli_main([*args, "-o", str(broken_inputs["root"] / "out.mid")]) == 2
+    stderr = capsys.readouterr().err
+    assert stderr.startswith("error: ") and stderr.count("\n") == 1, stderr
+    assert expected in stderr
+    assert not (broken_inputs["root"] / "out.mid").exists()
+
+
+def run_cli(*args: str, cwd: Path) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(
+        [sys.executable, str(REPO / "generate.py"), *args],
+        cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+
+
+def test_cli_subprocess_writes_samples_and_exits_nonzero_on_errors(checkpoint_dirs, tmp_path):
+    remi = str(checkpoint_dirs["remi"])
+    success = run_cli(
+        *PIECE, "--num-samples", "2", "--seed", "1", "-o", "out/song.mid", "--quiet",
+        "--checkpoint", remi, cwd=tmp_path,
+    )  # fmt: skip
+    failure = run_cli("--instruments", "piano, bas", "--checkpoint", remi, cwd=tmp_path)
+
+    _, stderr = success.communicate()
+    assert success.returncode == 0, stderr
+    for path in (tmp_path / "out" / "song_0.mid", tmp_path / "out" / "song_1.mid"):
+        fidelity = instrument_fidelity(Score(str(path)))
+        assert fidelity["requested"] == [0, 33, DRUMS] and fidelity["recall"] == 1.0
+    _, stderr = failure.communicate()
+    assert failure.returncode == 2
+    assert stderr.startswith("error: unknown instrument 'bas'") and stderr.count("\n") == 1, stderr
+
+
+def test_import_polyphony_stays_light():
+    code = "import sys, polyphony; assert 'torch' not in sys.modules, sorted(sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    import polyphony
+
+    assert polyphony.generate is generate
