@@ -20,6 +20,8 @@ from typing import Any
 import yaml
 
 TOKENIZATIONS = ("remi", "cpword")
+REMI_HEADS = ("next_token", "next_instrument", "next_type")
+CPWORD_HEADS = ("family", "position", "pitch", "velocity", "duration", "program", "tempo", "meter")
 
 
 class ConfigError(ValueError):
@@ -116,6 +118,9 @@ class Config:
         if self.model.tokenization != self.data.tokenization:
             # One source of truth: the data decides how pieces are tokenized.
             self.model.tokenization = self.data.tokenization
+        if self.model.tokenization == "cpword" and set(self.model.heads) <= set(REMI_HEADS):
+            # REMI head names mean nothing to CPWord: one head per compound field instead.
+            self.model.heads = {field: 1.0 for field in CPWORD_HEADS} | {"next_instrument": 0.5}
         if self.model.d_model % self.model.n_heads:
             raise ConfigError(
                 f"model.d_model={self.model.d_model} is not divisible by model.n_heads={self.model.n_heads}"

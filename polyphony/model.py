@@ -190,10 +190,8 @@ class Block(nn.Module):
 def masked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy over targets != -100; 0 (not NaN) when a batch has none, which is
     common for sparse CPWord fields such as tempo or meter in a short window."""
-    total = F.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
-        ignore_index=IGNORE_INDEX, reduction="sum",
-    )  # fmt: skip
+    flat_logits, flat_targets = logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)
+    total = F.cross_entropy(flat_logits, flat_targets, ignore_index=IGNORE_INDEX, reduction="sum")
     return total / (targets != IGNORE_INDEX).sum().clamp(min=1)
 
 

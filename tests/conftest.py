@@ -9,9 +9,14 @@ validation ends up empty.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+
+# The suite's models are tiny: one thread is faster than two (a second thread mostly waits, and
+# on a busy 2-core machine it waits a lot). Subprocesses started by tests inherit this.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from polyphony.config import DataConfig
 from polyphony.data.prepare import prepare_dataset

@@ -72,3 +72,12 @@ def test_missing_config_file_names_it(tmp_path):
 def test_bare_no_stays_a_string_for_string_fields():
     cfg = load_config("configs/tiny.yaml", ["--train.mixed_precision=no"])
     assert cfg.train.mixed_precision == "no"
+
+
+def test_cpword_gets_one_head_per_field_when_only_remi_heads_are_configured():
+    cfg = load_config("configs/tiny.yaml", ["--data.tokenization=cpword"])
+    assert cfg.model.tokenization == "cpword"
+    assert set(cfg.model.heads) == {
+        "family", "position", "pitch", "velocity", "duration", "program", "tempo", "meter",
+        "next_instrument",
+    }  # fmt: skip
