@@ -180,13 +180,9 @@ class WindowDataset(Dataset):
                 f"{prepared_kind!r}, or prepare a {data_cfg.tokenization} dataset with {prepare} "
                 "into another directory."
             )
-        expected = PolyTokenizer.build(data_cfg.tokenization).hash
-        if manifest.get("tokenizer_hash") != expected:
-            raise DatasetError(
-                f"{data_cfg.dataset_dir}: prepared with tokenizer {manifest.get('tokenizer_hash')}"
-                f", but this version of polyphony builds {data_cfg.tokenization} tokenizer "
-                f"{expected} (miditok or the vocabulary changed). Re-run {prepare}."
-            )
+        # The dataset's own tokenizer.json (checked against the manifest) defines the ids, so a
+        # dataset prepared with a trained model's vocabulary (`prepare --tokenizer`) trains too.
+        tokenizer_of(data_cfg.dataset_dir)
         return cls(
             data_cfg.dataset_dir,
             split,
