@@ -4,7 +4,9 @@ A run is described by one YAML file in ``configs/`` with three sections (``data`
 ``train``). Any field can be overridden on the command line as ``--section.field=value``
 (``--data.max_seq_len=1024``, ``--model.heads.next_instrument=0.5``). Values given on the
 command line are parsed as YAML scalars, so ``--train.lr=3e-4`` is a float and
-``--model.track_embeddings=false`` a bool.
+``--model.track_embeddings=false`` a bool. A mapping given whole replaces the file's mapping
+(``--model.heads={next_token: 1.0}`` trains without the auxiliary heads), while a dotted key
+changes one entry.
 """
 
 from __future__ import annotations
@@ -239,14 +241,24 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
                 raise ConfigError(f"override {arg} has no value")
             key, raw = arg[2:], args[i + 1]
             i += 2
-        _set_dotted(tree, key, yaml.safe_load(raw) if raw != "" else "")
+        value = yaml.safe_load(raw) if raw != "" else ""
+        _set_dotted(tree, key, WholeMapping(value) if isinstance(value, dict) else value)
     return tree
+
+
+class WholeMapping(dict):
+    """A mapping given whole on the command line: it replaces, rather than merges into, the
+    file's mapping of the same key."""
 
 
 def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
+        if (
+            isinstance(value, dict)
+            and not isinstance(value, WholeMapping)
+            and isinstance(out.get(key), dict)
+        ):
             out[key] = _merge(out[key], value)
         else:
             out[key] = value

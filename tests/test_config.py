@@ -2,7 +2,7 @@ import pytest
 
 from polyphony.config import ConfigError, load_config, parse_overrides
 
-SIZES = ["tiny", "small", "base", "large"]
+SIZES = ["tiny", "mini", "small", "base", "large", "ablation"]
 
 
 @pytest.mark.parametrize("name", SIZES)
@@ -27,6 +27,14 @@ def test_dotted_overrides_are_typed():
     assert cfg.data.max_seq_len == 512
     assert cfg.model.track_embeddings is False
     assert cfg.model.heads == {"next_token": 1.0, "next_instrument": 0.5, "next_type": 0.2}
+
+
+def test_a_mapping_given_whole_replaces_the_files_mapping():
+    cfg = load_config("configs/mini.yaml", ["--model.heads={next_token: 1.0}"])
+    assert cfg.model.heads == {"next_token": 1.0}
+    # one dotted entry still merges into the file's mapping
+    cfg = load_config("configs/mini.yaml", ["--model.heads.next_type=0.5"])
+    assert cfg.model.heads == {"next_token": 1.0, "next_instrument": 0.5, "next_type": 0.5}
 
 
 def test_unknown_key_names_the_key_and_the_valid_ones():
