@@ -336,6 +336,13 @@ class PolyphonyGPT(nn.Module):
         loss = sum(self.weights[name] * value for name, value in losses.items())
         return ModelOutput(logits=logits, hidden=hidden, loss=loss, losses=losses)
 
+    def target_counts(self, labels, label_track_ids=None) -> torch.Tensor:
+        """How many targets each head (in ``config.heads`` order) is scored on in a batch: the
+        denominators of ``forward``'s per-head mean losses, which training sums over
+        micro-batches and processes to normalise the step loss by the global count."""
+        targets = self._targets(labels, label_track_ids)
+        return torch.stack([(targets[name] != IGNORE_INDEX).sum() for name in self.weights])
+
     def _targets(self, labels, label_track_ids) -> dict[str, torch.Tensor]:
         targets = {}
         if self.is_cpword:

@@ -68,7 +68,7 @@ from .checkpoint import (
 )
 from .config import Config, DataConfig, TrainConfig, model_config_from_dict
 from .data.dataset import MANIFEST_FILE, DatasetError, WindowDataset, tokenizer_of
-from .model import CPWORD_FIELDS, IGNORE_INDEX, PolyphonyGPT
+from .model import PolyphonyGPT
 from .tokenizer import PolyTokenizer
 
 RELEASE_DIR = "release"  # <out_dir>/release: the exported model, loadable by from_pretrained
@@ -173,24 +173,6 @@ def learning_rate(step: int, cfg: TrainConfig) -> float:
         return cfg.min_lr
     progress = (step - cfg.warmup_steps) / max(cfg.max_steps - cfg.warmup_steps, 1)
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
-
-
-def target_counts(batch: dict[str, torch.Tensor], heads: list[str]) -> torch.Tensor:
-    """Targets each head is scored on in ``batch`` (the denominators of the model's per-head
-    mean losses): next_token / next_type / CPWord ``family`` count labels that are not
-    ignored, other CPWord fields their own column, next_instrument the labelled tracks."""
-    labels = batch["labels"]
-    columns = {name: column for column, name in enumerate(CPWORD_FIELDS)}
-    counts = []
-    for head in heads:
-        if head == "next_instrument":
-            targets = batch["label_track_ids"]
-        elif head in columns:
-            targets = labels[..., columns[head]]
-        else:  # next_token, next_type: every labelled position
-            targets = labels
-        counts.append((targets != IGNORE_INDEX).sum())
-    return torch.stack(counts)
 
 
 def describe_hardware(accelerator: Accelerator | None = None) -> str:
@@ -312,12 +294,13 @@ def evaluate(
 ) -> dict[str, float]:
     """Loss and perplexity per head on the validation windows, normalised like training."""
     model.eval()
+    counter = accelerator.unwrap_model(model).target_counts
     sums = torch.zeros(len(heads), device=accelerator.device)
     counts = torch.zeros(len(heads), device=accelerator.device, dtype=torch.long)
     for batch in loader:
         batch = {k: v.to(accelerator.device) for k, v in batch.items()}
         output = model(**batch)
-        count = target_counts(batch, heads)
+        count = counter(batch["labels"], batch["label_track_ids"])
         sums += torch.stack([output.losses[h].float() for h in heads]) * count
         counts += count
     model.train()
@@ -577,6 +560,7 @@ def train(
     # Per-rank streams for dropout (replaced by the saved ones when resuming).
     set_seed(tc.seed, device_specific=True)
     n_params = accelerator.unwrap_model(model).num_parameters()
+    counter = accelerator.unwrap_model(model).target_counts
     accelerator.print(
         f"{n_params / 1e6:.2f}M parameters | {accelerator.num_processes} process(es) on "
         f"{accelerator.device} | {samples_per_step} windows x {data_cfg.max_seq_len} tokens per "
@@ -627,7 +611,7 @@ def train(
         lr = learning_rate(progress.step, tc)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        counts = [target_counts(batch, heads) for batch in micro_batches]
+        counts = [counter(b["labels"], b["label_track_ids"]) for b in micro_batches]
         global_counts = accelerator.reduce(torch.stack(counts).sum(0), "sum")
         for batch, count in zip(micro_batches, counts, strict=True):
             with accelerator.accumulate(model):

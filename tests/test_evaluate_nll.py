@@ -1,15 +1,28 @@
-"""Model-side evaluation: validation NLL per head, and preparing data with a model's vocabulary."""
+"""Model-side evaluation: validation NLL per head, generating and measuring a model's pieces,
+and preparing data with a model's vocabulary."""
 
 import math
+import random
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from symusic import Score
 
 from polyphony.config import DataConfig, load_config
 from polyphony.data.dataset import WindowDataset, tokenizer_of
 from polyphony.data.prepare import prepare_dataset
+from polyphony.evaluate import (
+    REQUEST_POOL,
+    evaluate_model,
+    random_request,
+    split_requests,
+    validation_nll,
+)
 from polyphony.evaluate import main as evaluate_main
-from polyphony.evaluate import validation_nll
+from polyphony.instruments import DRUMS
+from polyphony.metrics import read_request
 from polyphony.model import PolyphonyGPT
 from polyphony.tokenizer import PolyTokenizer
 
@@ -49,6 +62,9 @@ def test_validation_nll_matches_a_direct_forward(tiny_checkpoint, prepared_remi)
     tokenizer = PolyTokenizer.load(tiny_checkpoint)
     assert result["notes"] == int(tokenizer.note_mask(batch["labels"].numpy()).sum()) > 0
     assert set(result["heads"]) == {"next_token", "next_instrument", "next_type"}
+    # The stream's likelihood is REMI's next_token head alone, per note.
+    assert result["stream_nll_per_note"] == pytest.approx(row["nll_per_note"], rel=1e-9)
+    assert row["nll_per_note"] == pytest.approx(row["nll"] * row["targets"] / result["notes"])
 
 
 def test_nll_refuses_a_dataset_with_another_vocabulary(tiny_checkpoint, prepared_cpword, capsys):
@@ -70,3 +86,52 @@ def test_prepare_can_use_a_models_tokenizer(fixture_midi_dir, tiny_checkpoint, t
         tokenizer=summary_tokenizer,
     )
     assert tokenizer_of(tmp_path / "data").hash == summary_tokenizer.hash
+
+
+def test_cpword_stream_nll_sums_the_field_heads_not_the_auxiliary_one(prepared_cpword, tmp_path):
+    tokenizer = tokenizer_of(prepared_cpword)
+    cfg = load_config("configs/tiny.yaml", ["--data.tokenization=cpword"]).model
+    cfg.vocab_sizes = tokenizer.vocab_sizes
+    cfg.token_types = tokenizer.token_types
+    cfg.n_token_types = tokenizer.n_token_types
+    torch.manual_seed(0)
+    PolyphonyGPT(cfg).save_pretrained(tmp_path, tokenizer=tokenizer)
+    result = validation_nll(tmp_path, prepared_cpword, batch_size=4)
+    fields = [h for h in result["heads"] if h != "next_instrument"]
+    assert "next_instrument" in result["heads"] and len(fields) == 8
+    expected = sum(result["heads"][h]["nll_per_note"] for h in fields)
+    assert result["stream_nll_per_note"] == pytest.approx(expected, rel=1e-9)
+    assert result["stream_nll_per_note"] > result["heads"]["pitch"]["nll_per_note"] > 0
+
+
+@given(st.integers(min_value=0, max_value=2**32 - 1))
+@settings(max_examples=200, deadline=None)
+def test_random_requests_are_small_sorted_sets_of_pool_instruments(seed):
+    request = random_request(random.Random(seed))
+    assert request == sorted(set(request))
+    assert 1 <= len(request) <= 4
+    assert set(request) <= set(REQUEST_POOL) | {DRUMS}
+
+
+def test_evaluate_model_generates_the_requests_and_compares_with_validation(
+    tiny_checkpoint, prepared_remi, fixture_midi_dir, tmp_path
+):
+    sampling = {"temperature": 0.9}
+    report = evaluate_model(tiny_checkpoint, prepared_remi, fixture_midi_dir, tmp_path,
+                            pieces=3, bars=1, seed=5, requests="validation", sampling=sampling)  # fmt: skip
+    real_sets = split_requests(prepared_remi)
+    assert real_sets and all(s == sorted(s) for s in real_sets)
+    generated = sorted((tmp_path / "generated").glob("*.mid"))
+    assert len(generated) == 3
+    for index, path in enumerate(generated):
+        assert read_request(Score(path)) == real_sets[index % len(real_sets)]
+    # The constraints hold even for an untrained model.
+    assert report["generated"]["fidelity"]["micro"] == {"precision": 1.0, "recall": 1.0}
+    assert report["reference"]["n_pieces"] == len(real_sets)
+    assert (
+        report["protocol"]["sampling"] == sampling
+        and report["protocol"]["requests"] == "validation"
+    )
+    assert set(report["gap_percent"]) >= {"pitch_class_entropy", "scale_consistency"}
+    with pytest.raises(ValueError, match="random"):
+        evaluate_model(tiny_checkpoint, prepared_remi, fixture_midi_dir, tmp_path, requests="all")

@@ -33,7 +33,6 @@ from polyphony.training import (
     learning_rate,
     parameter_groups,
     read_metrics,
-    target_counts,
     train,
 )
 
@@ -171,15 +170,21 @@ def test_global_token_normalisation_equals_the_models_loss(kind, request):
     names = list(heads)
     weight = torch.tensor([heads[h] for h in names])
     halves = [{k: v[:2] for k, v in batch.items()}, {k: v[2:] for k, v in batch.items()}]
-    global_counts = sum(target_counts(half, names) for half in halves)
-    assert torch.equal(global_counts, target_counts(batch, names))
+
+    def counts(part):
+        return model.target_counts(part["labels"], part["label_track_ids"])
+
+    global_counts = sum(counts(half) for half in halves)
+    assert torch.equal(global_counts, counts(batch))
+    # next_token (REMI) / family (CPWord, column 0): every labelled position
+    first = batch["labels"][..., 0] if kind == "cpword" else batch["labels"]
+    labelled = int((first != -100).sum())
+    assert int(global_counts[0]) == labelled > 0
     total = 0.0
     for half in halves:
         output = model(**half)
         head_losses = torch.stack([output.losses[h] for h in names])
-        total += (
-            weight * head_losses * target_counts(half, names) / global_counts.clamp(min=1)
-        ).sum()
+        total += (weight * head_losses * counts(half) / global_counts.clamp(min=1)).sum()
     assert total.item() == pytest.approx(model(**batch).loss.item(), abs=1e-5)
 
 
@@ -429,3 +434,31 @@ def test_accelerate_config_files_are_valid(path):
     assert config.compute_environment.value == "LOCAL_MACHINE"
     assert config.num_processes >= config.num_machines >= 1
     assert set(config.fsdp_config) <= launch_options
+
+
+def test_trains_on_a_dataset_prepared_with_another_vocabulary(fixture_midi_dir, tmp_path):
+    # A model's tokenizer.json from an older vocabulary (fewer meters): `prepare --tokenizer`
+    # writes a dataset in that vocabulary, and fine-tuning on it must work.
+    from miditok import REMI
+
+    from polyphony.config import DataConfig
+    from polyphony.data.prepare import prepare_dataset
+    from polyphony.tokenizer import PolyTokenizer, miditok_config
+
+    config = miditok_config("remi")
+    config.time_signature_range = {4: [2, 3, 4], 8: [6]}
+    older = PolyTokenizer(REMI(config))
+    assert older.hash != PolyTokenizer.build("remi").hash
+    dataset = tmp_path / "data"
+    prepare_dataset(
+        fixture_midi_dir,
+        dataset,
+        DataConfig(validation_fraction=0.2, test_fraction=0.1),
+        workers=0,
+        progress=False,
+        tokenizer=older,
+    )
+    train(run_config(dataset, tmp_path / "run", train__max_steps=3))
+    model = PolyphonyGPT.from_pretrained(tmp_path / "run" / "release")
+    assert model.config.vocab_sizes == list(older.vocab_sizes)
+    assert PolyTokenizer.load(tmp_path / "run" / "release").hash == older.hash
