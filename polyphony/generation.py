@@ -39,7 +39,7 @@ from tqdm import tqdm
 
 from .instruments import DRUMS, GLOBAL_TRACK, instrument_name, parse_instruments
 from .instruments import program_to_instrument as _instrument
-from .metrics import write_request
+from .metrics import bar_lines, write_request
 from .model import ModelOutput, PolyphonyGPT
 from .tokenizer import (
     CPWORD_FIELDS,
@@ -1406,10 +1406,30 @@ def to_score(tokenizer: PolyTokenizer, ids: np.ndarray, plan: Plan) -> Score:
     if silent:  # the constraints prevent it; only a token cap that cut the piece short can
         log.warning("note: %s did not play", ", ".join(instrument_name(i) for i in silent))
     score.tracks = [by_instrument[i] for i in plan.instruments if i in by_instrument]
+    if plan.existing is None:  # an arrangement keeps the user's notes exactly as they are
+        _end_at_bar_line(score, plan.target_bars)
     _tempo_from_start(score, tokenizer, ids)
     write_request(score, plan.instruments)
     validate_score(score)
     return score
+
+
+def _end_at_bar_line(score: Score, n_bars: int) -> None:
+    """Cut notes held past the last bar line: ``bars=8`` gives 8 bars, not 8 bars and a chord
+    ringing into a ninth (REMI/CPWord durations may outlast the piece)."""
+    ends = [int((notes["time"] + notes["duration"]).max())
+            for notes in (track.notes.numpy() for track in score.tracks) if len(notes["time"])]  # fmt: skip
+    if not ends:
+        return
+    starts, _ = bar_lines(score, score.ticks_per_quarter, max(ends) + 1)
+    if len(starts) <= n_bars:
+        return
+    end = int(starts[n_bars])
+    for track in score.tracks:
+        kept = track.notes.filter(lambda note: note.time < end, inplace=False)
+        for note in kept:
+            note.duration = min(note.duration, end - note.time)
+        track.notes = kept
 
 
 def _tempo_from_start(score: Score, tokenizer: PolyTokenizer, ids: np.ndarray) -> None:

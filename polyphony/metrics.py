@@ -100,7 +100,7 @@ def _piece(score: Score) -> _Piece:
         raise ValueError("negative note times (corrupt delta times in the MIDI file)")
     # The bars span every sounding tick, and the onset of a zero-length note at the very end.
     piece_end = int(max(end.max(), onset.max() + 1)) if onset.size else 0
-    bar_start, bar_length = _bars(score, tpq, piece_end)
+    bar_start, bar_length = bar_lines(score, tpq, piece_end)
     return _Piece(
         tpq=tpq,
         onset=onset,
@@ -112,7 +112,7 @@ def _piece(score: Score) -> _Piece:
     )
 
 
-def _bars(score: Score, tpq: int, piece_end: int) -> tuple[np.ndarray, np.ndarray]:
+def bar_lines(score: Score, tpq: int, piece_end: int) -> tuple[np.ndarray, np.ndarray]:
     """Bar lines in [0, piece_end) from the score's time signatures.
 
     4/4 holds until the first time signature (the MIDI default). A time signature starts a new

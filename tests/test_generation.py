@@ -23,7 +23,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from symusic import Score
+from symusic import Note, Score, TimeSignature, Track
 from torch.utils.data import DataLoader
 
 from polyphony.config import load_config
@@ -32,6 +32,7 @@ from polyphony.generation import (
     GenerationError,
     RemiGrammar,
     Sampling,
+    _end_at_bar_line,
     generate,
     grammar_violations,
     load_checkpoint,
@@ -214,6 +215,23 @@ def test_pieces_have_the_requested_bars_meter_and_tempo(checkpoints, kind):
         score = to_score(checkpoint.tokenizer, ids, plan)
         assert [(ts.numerator, ts.denominator) for ts in score.time_signatures] == [(3, 4)]
         assert score.tempos and all(abs(t.qpm - 90) < 4 for t in score.tempos)
+        # Nothing rings past the third bar line.
+        last_end = max(n.end for t in score.tracks for n in t.notes)
+        assert last_end <= 3 * 3 * score.ticks_per_quarter
+
+
+def test_notes_held_past_the_last_bar_line_are_cut_there():
+    score = Score(480)
+    score.time_signatures = [TimeSignature(0, 3, 4), TimeSignature(1440, 2, 4)]
+    track = Track(program=0)
+    # a chord held from bar 1 to bar 9, a note inside bar 2, a note starting after bar 2
+    track.notes = [Note(0, 20_000, 60, 80), Note(1500, 100, 62, 80), Note(2400, 100, 64, 80)]
+    score.tracks = [track]
+    _end_at_bar_line(score, n_bars=2)  # 3/4 + 2/4 = 1440 + 960 ticks
+    assert [(n.time, n.duration, n.pitch) for n in score.tracks[0].notes] == [
+        (0, 2400, 60),
+        (1500, 100, 62),
+    ]
 
 
 def test_duplicates_collapse_and_more_than_15_pitched_instruments_are_refused():
