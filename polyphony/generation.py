@@ -171,6 +171,19 @@ def sample(
     return torch.where(temperature == 0, greedy, drawn) if per_row else drawn
 
 
+def bar_line_ends_piece(
+    logits: torch.Tensor, rows: torch.Tensor, bar_id: int, eos_id: int
+) -> torch.Tensor:
+    """In ``rows`` (in the last bar, free to end) the model's wish to draw the next bar line is a
+    wish to end: the bar line's probability moves to EOS. Without this a model that would close
+    the bar can only add notes until it happens to draw EOS, and last bars come out several
+    times denser than the rest."""
+    merged = torch.logaddexp(logits[:, eos_id], logits[:, bar_id])
+    logits = logits.clone()
+    logits[:, eos_id] = torch.where(rows, merged, logits[:, eos_id])
+    return logits
+
+
 def sample_fields(
     logits: dict[str, torch.Tensor],
     allowed: dict[str, torch.Tensor],
@@ -541,6 +554,8 @@ class RemiGrammar:
         allowed = self.allowed(s, c)
         _check_choices(allowed, s, self.END)
         logits = out.logits["next_token"]
+        in_last_bar = (s.bars >= c.target_bars) & allowed[:, self.eos_id]
+        logits = bar_line_ends_piece(logits, in_last_bar, self.bar_id, self.eos_id)
         return sample(logits, allowed, sampling.temperature, sampling.top_k, sampling.top_p, gen)
 
     def violation(self, s: RowState, token: torch.Tensor, c: Constraints) -> str | None:

@@ -33,6 +33,7 @@ from polyphony.generation import (
     RemiGrammar,
     Sampling,
     _end_at_bar_line,
+    bar_line_ends_piece,
     generate,
     grammar_violations,
     load_checkpoint,
@@ -218,6 +219,18 @@ def test_pieces_have_the_requested_bars_meter_and_tempo(checkpoints, kind):
         # Nothing rings past the third bar line.
         last_end = max(n.end for t in score.tracks for n in t.notes)
         assert last_end <= 3 * 3 * score.ticks_per_quarter
+
+
+def test_in_the_last_bar_the_bar_lines_probability_goes_to_eos():
+    logits = torch.log(torch.tensor([[0.1, 0.2, 0.6, 0.1], [0.1, 0.2, 0.6, 0.1]]))
+    rows = torch.tensor([True, False])
+    merged = bar_line_ends_piece(logits, rows, bar_id=2, eos_id=3)
+    assert torch.allclose(merged[0].exp(), torch.tensor([0.1, 0.2, 0.6, 0.7]))
+    assert torch.equal(merged[1], logits[1])  # rows not in their last bar are untouched
+    # With the bar line forbidden (as in the last bar), EOS now gets what the bar line had.
+    allowed = torch.tensor([[True, True, False, True]])
+    probs = merged[:1].masked_fill(~allowed, float("-inf")).softmax(-1)
+    assert torch.allclose(probs, torch.tensor([[0.1, 0.2, 0.0, 0.7]]))
 
 
 def test_notes_held_past_the_last_bar_line_are_cut_there():
