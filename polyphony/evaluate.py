@@ -149,10 +149,15 @@ def random_request(rng: random.Random) -> list[int]:
     return sorted(set(pitched + extra))
 
 
+def split_pieces(dataset_dir: str | Path, split: str = "validation") -> list[dict[str, Any]]:
+    """The records (path, source, instruments, ...) of every piece of a prepared split."""
+    lines = (Path(dataset_dir) / split / "pieces.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines if line.strip()]
+
+
 def split_requests(dataset_dir: str | Path, split: str = "validation") -> list[list[int]]:
     """The instrument set of every piece of a prepared split, in order."""
-    lines = (Path(dataset_dir) / split / "pieces.jsonl").read_text().splitlines()
-    return [sorted(json.loads(line)["instruments"]) for line in lines if line.strip()]
+    return [sorted(piece["instruments"]) for piece in split_pieces(dataset_dir, split)]
 
 
 def evaluate_model(
@@ -179,11 +184,12 @@ def evaluate_model(
     generated, reference = out / "generated", out / "reference"
     generated.mkdir(parents=True, exist_ok=True)
     reference.mkdir(parents=True, exist_ok=True)
+    real_pieces = split_pieces(dataset_dir)
     if requests == "random":
         rng = random.Random(seed)
         lists = [random_request(rng) for _ in range(pieces)]
     elif requests == "validation":
-        real_sets = split_requests(dataset_dir)
+        real_sets = [sorted(piece["instruments"]) for piece in real_pieces]
         lists = [real_sets[index % len(real_sets)] for index in range(pieces)]
     else:
         raise ValueError(f"requests={requests!r}: expected 'random' or 'validation'")
@@ -197,8 +203,8 @@ def evaluate_model(
             **(sampling or {}),
         )
         write_midi(score, generated / f"piece_{index:03d}.mid")
-    for line in (Path(dataset_dir) / "validation" / "pieces.jsonl").read_text().splitlines():
-        relative = json.loads(line)["path"]
+    for piece in real_pieces:
+        relative = piece["path"]
         link = reference / relative.replace("/", "__")
         if not link.exists():
             link.symlink_to((Path(corpus_dir) / relative).resolve())

@@ -1432,11 +1432,13 @@ def to_score(tokenizer: PolyTokenizer, ids: np.ndarray, plan: Plan) -> Score:
 def _end_at_bar_line(score: Score, n_bars: int) -> None:
     """Cut notes held past the last bar line: ``bars=8`` gives 8 bars, not 8 bars and a chord
     ringing into a ninth (REMI/CPWord durations may outlast the piece)."""
-    ends = [int((notes["time"] + notes["duration"]).max())
-            for notes in (track.notes.numpy() for track in score.tracks) if len(notes["time"])]  # fmt: skip
-    if not ends:
+    notes = [track.notes.numpy() for track in score.tracks]
+    piece_end = max(
+        (int((n["time"] + n["duration"]).max()) for n in notes if n["time"].size), default=0
+    )
+    if piece_end == 0:
         return
-    starts, _ = bar_lines(score, score.ticks_per_quarter, max(ends) + 1)
+    starts, _ = bar_lines(score, score.ticks_per_quarter, piece_end + 1)
     if len(starts) <= n_bars:
         return
     end = int(starts[n_bars])

@@ -180,9 +180,6 @@ class WindowDataset(Dataset):
                 f"{prepared_kind!r}, or prepare a {data_cfg.tokenization} dataset with {prepare} "
                 "into another directory."
             )
-        # The dataset's own tokenizer.json (checked against the manifest) defines the ids, so a
-        # dataset prepared with a trained model's vocabulary (`prepare --tokenizer`) trains too.
-        tokenizer_of(data_cfg.dataset_dir)
         return cls(
             data_cfg.dataset_dir,
             split,
