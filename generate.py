@@ -24,7 +24,8 @@ from polyphony.generation import (
     parse_field_temperature,
     write_midi,
 )
-from polyphony.instruments import InstrumentError
+from polyphony.instruments import InstrumentError, instrument_name
+from polyphony.metrics import track_densities
 from polyphony.model import CheckpointError
 from polyphony.render import RenderError, plot_piano_roll, render_wav
 from polyphony.tokenizer import DecodeError
@@ -49,6 +50,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--time-signature", metavar="N/D", help='fix the meter of a new piece, e.g. "3/4"'
     )
 
+    what.add_argument(
+        "--density",
+        metavar="SPEC",
+        help='how much parts play: "bass=4, drums=12, piano=dense" (notes per bar, or '
+        "sparse/medium/dense = the instrument's quartiles in the training data; default: its "
+        "median there, or as the track plays in --prompt/--arrange)",
+    )
     how = parser.add_argument_group("sampling")
     how.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (default 1.0)")
     how.add_argument("--top-k", type=int, default=0, help="keep the k likeliest tokens (0 = off)")
@@ -122,6 +130,7 @@ def run(args: argparse.Namespace) -> int:
             add=args.add,
             tempo=args.tempo,
             time_signature=args.time_signature,
+            density=args.density,
             temperature=args.temperature,
             top_k=args.top_k,
             top_p=args.top_p,
@@ -137,6 +146,8 @@ def run(args: argparse.Namespace) -> int:
         scores = scores if isinstance(scores, list) else [scores]
         for score, path in zip(scores, output_paths(args.output, len(scores)), strict=True):
             print(write_midi(score, path))
+            for instrument, (notes, per_bar) in track_densities(score).items():
+                print(f"  {instrument_name(instrument):<28} {notes:5d} notes  {per_bar:5.1f}/bar")
             if args.render == "wav":
                 print(render_wav(score, path.with_suffix(".wav"), args.soundfont))
             if args.plot:

@@ -40,6 +40,11 @@ class DataConfig:
     bar_aligned_windows: bool = True  # start windows on a Bar token where possible
     transpose_semitones: int = 5  # augmentation: uniform shift in [-n, n] for pitched tracks
     velocity_shift: int = 8  # augmentation: velocity offset in [-n, n], in whole bins of 4
+    # Ablations only (docs/ablations.md). note_order (prepare): "canonical" (header order, then
+    # pitch, at every onset) or "file" (the file's track order, as miditok alone gives).
+    # track_densities (windows): false announces every part with density bin 0.
+    note_order: str = "canonical"
+    track_densities: bool = True
     # Per-source sampling weights; a source is the first folder below the MIDI root
     # (corpus/music21/..., corpus/band/...). Missing sources weigh 1.0.
     source_weights: dict[str, float] = field(default_factory=dict)

@@ -72,10 +72,16 @@ def validation_nll(
     split: str = "validation",
     batch_size: int = 8,
     max_windows: int | None = None,
+    track_densities: bool = True,
 ) -> dict[str, Any]:
     """Mean NLL (nats) and perplexity per head over the fixed, unaugmented windows of ``split``,
     each head averaged over its own targets (as in training). Also NLL per note for the token
-    heads, which makes REMI and CPWord comparable."""
+    heads, which makes REMI and CPWord comparable.
+
+    Only the body is scored: targets up to the header's SEP are left out. The header is the
+    request in generation, given, not predicted; scoring it would charge a model with density
+    bins for predicting them and compare it unfairly with one without. ``track_densities``
+    must match the training run's ``data.track_densities``."""
     import torch
 
     from polyphony.data.dataset import WindowDataset, tokenizer_of
@@ -89,7 +95,10 @@ def validation_nll(
             f"{dataset_dir} was prepared with another tokenizer than {checkpoint}: prepare it "
             f"again with the checkpoint's tokenizer.json"
         )
-    dataset = WindowDataset(dataset_dir, split, model.config.max_seq_len, augment=False)
+    dataset = WindowDataset(
+        dataset_dir, split, model.config.max_seq_len, augment=False,
+        track_densities=track_densities,
+    )  # fmt: skip
     n_windows = len(dataset) if max_windows is None else min(len(dataset), max_windows)
     heads = list(model.config.heads)
     sums = torch.zeros(len(heads), dtype=torch.float64)
@@ -100,6 +109,13 @@ def validation_nll(
     )
     with torch.no_grad():
         for batch in loader:
+            first = (
+                batch["input_ids"] if model_tokenizer.kind == "remi" else batch["input_ids"][..., 0]
+            )
+            header_end = (first == model_tokenizer.sep_id).int().argmax(dim=1)  # SEP's position
+            in_header = torch.arange(first.shape[1])[None] < header_end[:, None]
+            batch["labels"][in_header] = -100
+            batch["label_track_ids"][in_header] = -100
             output = model(**batch)
             count = model.target_counts(batch["labels"], batch["label_track_ids"])
             sums += torch.stack([output.losses[h].double() for h in heads]) * count

@@ -37,6 +37,7 @@ from miditok.utils import compute_ticks_per_bar
 from symusic import Score, TimeSignature
 from tqdm import tqdm
 
+from .densities import DensityError, DensityStats, parse_density, resolve
 from .instruments import DRUMS, GLOBAL_TRACK, instrument_name, parse_instruments
 from .instruments import program_to_instrument as _instrument
 from .metrics import bar_lines, write_request
@@ -47,6 +48,7 @@ from .tokenizer import (
     DecodeError,
     PolyTokenizer,
     TokenizationError,
+    density_bin,
 )
 
 log = logging.getLogger(__name__)
@@ -1088,6 +1090,7 @@ class Checkpoint:
 
     model: PolyphonyGPT
     tokenizer: PolyTokenizer
+    densities: DensityStats  # the training data's notes per bar: defaults and levels
     path: Path | None = None
 
     @property
@@ -1142,7 +1145,11 @@ def load_checkpoint(path: str | Path | None = None, device: str | None = None) -
             f"with {list(tokenizer.vocab_sizes)}; save the model together with the tokenizer it "
             "was trained with"
         )
-    return Checkpoint(model=model, tokenizer=tokenizer, path=path)
+    try:
+        densities = DensityStats.load(path)
+    except DensityError as err:
+        raise GenerationError(str(err)) from err
+    return Checkpoint(model=model, tokenizer=tokenizer, densities=densities, path=path)
 
 
 # --------------------------------------------------------------------------------------------
@@ -1154,6 +1161,7 @@ class Plan:
     """What to decode: the prompt, the output's instruments and the constraints' parameters."""
 
     instruments: list[int]  # output tracks, in this order
+    densities: dict[int, float]  # notes per bar each instrument is asked for (the header's bins)
     header: np.ndarray
     prompt_body: np.ndarray  # given tokens after the header (a continuation's prompt bars)
     allowed: list[int]  # instruments the model may start notes for
@@ -1282,10 +1290,22 @@ def _track_order(score: Score, instruments: Iterable[int]) -> list[int]:
     return [i for i in dict.fromkeys(order) if i in present]
 
 
+def _densities(stats, order, density, measured=None) -> dict[int, float]:
+    try:
+        return resolve(stats, order, parse_density(density), measured)
+    except DensityError as err:
+        raise GenerationError(str(err)) from err
+
+
+def _header(tokenizer: PolyTokenizer, densities: dict[int, float]) -> np.ndarray:
+    return tokenizer.header({i: density_bin(v) for i, v in densities.items()})
+
+
 def plan_instruments(
-    tokenizer, grammar, instruments, bars, tempo, time_signature, max_tokens
+    tokenizer, grammar, stats, instruments, bars, tempo, time_signature, max_tokens, density
 ) -> Plan:
     order = resolve_instruments(instruments)
+    densities = _densities(stats, order, density)
     bars = DEFAULT_BARS if bars is None else bars
     if bars < 1:
         raise GenerationError(f"--bars {bars}: must be at least 1")
@@ -1293,7 +1313,8 @@ def plan_instruments(
     _check_budget(budget, grammar, len(order))
     return Plan(
         instruments=order,
-        header=tokenizer.header(order),
+        densities=densities,
+        header=_header(tokenizer, densities),
         prompt_body=np.zeros((0, *tokenizer.ids_shape), dtype=np.int64),
         allowed=order,
         required=order,
@@ -1305,7 +1326,7 @@ def plan_instruments(
 
 
 def plan_continuation(
-    tokenizer, grammar, prompt, prompt_bars, instruments, bars, max_tokens
+    tokenizer, grammar, stats, prompt, prompt_bars, instruments, bars, max_tokens, density
 ) -> Plan:
     score, name = read_midi(prompt, "prompt")
     if instruments is not None:
@@ -1344,9 +1365,13 @@ def plan_continuation(
         bar_line = body[np.flatnonzero(grammar.bar_of(body))[-1]][None]
     budget = max_tokens or _default_budget(bars, len(order))
     _check_budget(budget, grammar, len(order))
+    # Each prompt track keeps playing as it does in the prompt bars, unless asked otherwise.
+    measured = tokenizer.notes_per_bar(body, tokenizer.track_ids(body), ends_piece=True)
+    densities = _densities(stats, order, density, measured)
     return Plan(
         instruments=order,
-        header=tokenizer.header(order),
+        densities=densities,
+        header=_header(tokenizer, densities),
         prompt_body=np.concatenate([body, bar_line]),
         allowed=order,
         required=order,
@@ -1355,7 +1380,7 @@ def plan_continuation(
     )
 
 
-def plan_arrangement(tokenizer, grammar, arrange, add, max_tokens) -> Plan:
+def plan_arrangement(tokenizer, grammar, stats, arrange, add, max_tokens, density) -> Plan:
     score, name = read_midi(arrange, "arrangement")
     added = resolve_instruments(add)
     existing, body = _encode(tokenizer, score, name)
@@ -1371,9 +1396,13 @@ def plan_arrangement(tokenizer, grammar, arrange, add, max_tokens) -> Plan:
     n_bars = int(grammar.bar_of(body).sum())
     budget = max_tokens or _default_budget(n_bars, len(added))
     _check_budget(budget, grammar, len(added))
+    # The piece's tracks are announced as they play; added ones at their default or request.
+    measured = tokenizer.notes_per_bar(body, tokenizer.track_ids(body), ends_piece=True)
+    densities = _densities(stats, order, density, measured)
     return Plan(
         instruments=order,
-        header=tokenizer.header(order),
+        densities=densities,
+        header=_header(tokenizer, densities),
         prompt_body=np.zeros((0, *tokenizer.ids_shape), dtype=np.int64),
         allowed=added,
         required=added,
@@ -1536,6 +1565,7 @@ def check_request(
 
 def make_plan(
     tokenizer: PolyTokenizer,
+    stats: DensityStats,
     *,
     instruments: str | Iterable[str | int] | None = None,
     bars: int | None = None,
@@ -1546,18 +1576,20 @@ def make_plan(
     tempo: float | None = None,
     time_signature: str | None = None,
     max_tokens: int | None = None,
+    density: str | dict | None = None,
 ) -> Plan:
-    """Check a request (the arguments of :func:`generate`) and turn it into a :class:`Plan`."""
+    """Check a request (the arguments of :func:`generate`) and turn it into a :class:`Plan`;
+    ``stats`` (the checkpoint's) gives the densities not requested or measured."""
     check_request(instruments, bars, prompt, prompt_bars, arrange, add, tempo, time_signature)
     grammar = grammar_for(tokenizer, "cpu")
     if arrange is not None:
-        return plan_arrangement(tokenizer, grammar, arrange, add, max_tokens)
+        return plan_arrangement(tokenizer, grammar, stats, arrange, add, max_tokens, density)
     if prompt is not None:
         return plan_continuation(
-            tokenizer, grammar, prompt, prompt_bars, instruments, bars, max_tokens
+            tokenizer, grammar, stats, prompt, prompt_bars, instruments, bars, max_tokens, density
         )
     return plan_instruments(
-        tokenizer, grammar, instruments, bars, tempo, time_signature, max_tokens
+        tokenizer, grammar, stats, instruments, bars, tempo, time_signature, max_tokens, density
     )
 
 
@@ -1602,6 +1634,7 @@ def generate(
     add: str | Iterable[str | int] | None = None,
     tempo: float | None = None,
     time_signature: str | None = None,
+    density: str | dict | None = None,
     temperature: float = 1.0,
     top_k: int = 0,
     top_p: float = 1.0,
@@ -1622,6 +1655,11 @@ def generate(
     * ``generate(arrange="in.mid", add="strings, drums")``: keep every note of in.mid and write
       parts for the added instruments in time with it.
 
+    ``density`` sets how much parts play: ``"bass=4, drums=12, piano=dense"`` (notes per bar,
+    or sparse/medium/dense = the instrument's quartiles in the training data). Unnamed parts
+    play at their median in the training data; a prompt's or arranged piece's tracks as they
+    play there (densities.py).
+
     ``bars`` counts the bars to generate (after the prompt, if any; default 16); ``max_tokens``
     caps the tokens the model chooses. The same ``seed`` gives the same output on the same
     machine; ``seed=None`` draws one (logged). ``checkpoint`` is a directory (default: the
@@ -1640,9 +1678,9 @@ def generate(
     )
     sampling = Sampling(temperature, top_k, top_p, dict(field_temperature or {}))
     plan = make_plan(
-        loaded.tokenizer, instruments=instruments, bars=bars, prompt=prompt,
+        loaded.tokenizer, loaded.densities, instruments=instruments, bars=bars, prompt=prompt,
         prompt_bars=prompt_bars, arrange=arrange, add=add, tempo=tempo,
-        time_signature=time_signature, max_tokens=max_tokens,
+        time_signature=time_signature, max_tokens=max_tokens, density=density,
     )  # fmt: skip
     if seed is None:
         seed = int.from_bytes(os.urandom(4), "little")

@@ -264,6 +264,17 @@ def note_density(score: Score) -> float:
     return piece.onset.size / len(piece.bar_start)
 
 
+def track_densities(score: Score) -> dict[int, tuple[int, float]]:
+    """Per instrument (merged as in :func:`instruments_present`): (notes, notes per bar over the
+    piece's bars). What a musician counts first: does every part really play?"""
+    bars = max(n_bars(score), 1.0) if score.note_num() else 1.0
+    counts: dict[int, int] = {}
+    for track in score.tracks:
+        instrument = program_to_instrument(track.program, track.is_drum)
+        counts[instrument] = counts.get(instrument, 0) + track.note_num()
+    return {i: (n, n / bars) for i, n in sorted(counts.items())}
+
+
 def empty_bar_rate(score: Score) -> float:
     """Fraction of bars with no note onset in any track.
 

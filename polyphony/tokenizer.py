@@ -2,13 +2,24 @@
 
 Every sequence polyphony trains on or generates has the same shape::
 
-    BOS  <one token per instrument, programs ascending, drums last>  SEP  <miditok body>  EOS
+    BOS  <per instrument (programs ascending, drums last): its program, its density>  SEP
+    <miditok body>  EOS
 
-REMI writes the header with its own ``Program_x`` tokens. CPWord writes one compound per
-header token: ``[BOS]*8``, then ``[BOS, Ignore, .., Program_x, Ignore, Ignore]`` per
-instrument (family column BOS marks a header row), then ``[SEP]*8``; EOS is ``[EOS]*8``.
+REMI writes each header entry as its own ``Program_x`` token followed by a ``Density_k``
+token. CPWord writes one compound per header entry: ``[BOS]*8``, then
+``[BOS, Density_k, Ignore, .., Program_x, Ignore, Ignore]`` per instrument (family column BOS
+marks a header row; the density sits in the position column), then ``[SEP]*8``; EOS is
+``[EOS]*8``. ``Density_k`` tokens are ours, appended after miditok's ids: bin ``k`` of the
+instrument's notes per bar (``DENSITY_EDGES``, docs/tokenization.md).
 
-The header is how generation is conditioned on an instrument list: the prompt *is* the header.
+The header is how generation is conditioned on an instrument list and on how much each part
+plays: the prompt *is* the header. A training window's header lists the instruments that play
+*in that window* with their density there (data/dataset.py).
+
+Notes are put in a canonical order before miditok sees them (``canonical_score``): at one
+onset, instruments in header order, and within an instrument pitches ascending. miditok sorts
+the stream by time only (stably), so without this the order at an onset would be the file's
+track order, which differs from file to file.
 
 Track ids give every token the instrument it belongs to (0..127 programs, 128 drums) or
 ``GLOBAL_TRACK`` (bar, position, tempo, meter, specials). They are computed from the ids alone,
@@ -25,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 from miditok import REMI, CPWord, MusicTokenizer, TokenizerConfig
-from symusic import Score
+from symusic import Note, Score
 
 from .instruments import (
     DRUMS,
@@ -45,11 +56,19 @@ TIME_SIGNATURES = {
     4: [1, 2, 3, 4, 5, 6, 7, 8, 9, 10],
     2: [1, 2, 3, 4],
 }
+# Density bins: bin k holds notes per bar in [DENSITY_EDGES[k-1], DENSITY_EDGES[k]); bin 0 is
+# below the first edge (a part that barely plays), the last bin at or above the last edge.
+# Log-spaced (ratio ~1.4-2) over the corpus' range: per-piece medians are 3-14 notes per bar
+# for band parts, 95% of windows fall below 28 (docs/tokenization.md has the distribution).
+DENSITY_EDGES = (0.5, 1.0, 1.5, 2.5, 3.5, 5.0, 7.0, 10.0, 14.0, 20.0, 28.0)
+N_DENSITY_BINS = len(DENSITY_EDGES) + 1
+HEADER_FORMAT = 2  # 1: programs only, per piece; 2: program + density, per window
 CPWORD_FIELDS = ("family", "position", "pitch", "velocity", "duration", "program", "tempo", "meter")
+CPWORD_DENSITY_COLUMN = CPWORD_FIELDS.index("position")  # header rows leave it free
 # Token families of REMI, the targets of the `next_type` head.
 REMI_TOKEN_TYPES = (
     "PAD", "BOS", "EOS", "MASK", "SEP", "Bar", "Position", "Tempo", "TimeSig",
-    "Program", "Pitch", "PitchDrum", "Velocity", "Duration",
+    "Program", "Pitch", "PitchDrum", "Velocity", "Duration", "Density",
 )  # fmt: skip
 _NOTE_ATTRIBUTES = ("Pitch", "PitchDrum", "Velocity", "Duration")
 
@@ -67,6 +86,11 @@ class EncodedPiece:
     ids: np.ndarray  # [T] (REMI) or [T, 8] (CPWord), int64
     track_ids: np.ndarray  # [T] int64, instrument id per token or GLOBAL_TRACK
     instruments: tuple[int, ...]  # sorted, drums last
+    densities: dict[int, float]  # notes per bar of each instrument over the whole piece
+
+    @property
+    def header_length(self) -> int:
+        return len(self.instruments) * (1 if self.ids.ndim == 2 else 2) + 2
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -138,6 +162,7 @@ class PolyTokenizer:
     def hash(self) -> str:
         """Identifies the vocabulary: models and datasets record it and refuse a mismatch."""
         state = {"kind": self.kind, "config": self.miditok.config.to_dict(serialize=True)}
+        state["density_edges"] = list(DENSITY_EDGES)
         blob = json.dumps(state, sort_keys=True, default=str).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
@@ -145,15 +170,19 @@ class PolyTokenizer:
     def _build_tables(self) -> None:
         if self.kind == "remi":
             vocab = self.miditok.vocab
-            size = len(vocab)
+            self.density_base = len(vocab)
+            size = len(vocab) + N_DENSITY_BINS
             names = [None] * size
             for token, index in vocab.items():
                 names[index] = token
+            for k in range(N_DENSITY_BINS):
+                names[self.density_base + k] = f"Density_{k}"
             kinds = [name.split("_", 1)[0] for name in names]
             self.token_types = [REMI_TOKEN_TYPES.index(k) for k in kinds]
             self.n_token_types = len(REMI_TOKEN_TYPES)
             self._is_program = np.array([k == "Program" for k in kinds])
-            self._is_note_attribute = np.array([k in _NOTE_ATTRIBUTES for k in kinds])
+            # A header's Density token belongs to the instrument whose Program precedes it.
+            self._is_note_attribute = np.array([k in (*_NOTE_ATTRIBUTES, "Density") for k in kinds])
             self._instrument_of = np.full(size, GLOBAL_TRACK, dtype=np.int64)
             for index, name in enumerate(names):
                 if kinds[index] == "Program":
@@ -166,6 +195,8 @@ class PolyTokenizer:
         else:
             vocabs = self.miditok.vocab
             self.vocab_sizes = [len(v) for v in vocabs]
+            self.density_base = self.vocab_sizes[CPWORD_DENSITY_COLUMN]
+            self.vocab_sizes[CPWORD_DENSITY_COLUMN] += N_DENSITY_BINS
             self.token_types = []
             self.n_token_types = 0
             self.pad_id, self.bos_id, self.eos_id, self.sep_id = (
@@ -182,6 +213,8 @@ class PolyTokenizer:
             self._token_names = [
                 {index: token for token, index in vocab.items()} for vocab in vocabs
             ]
+            for k in range(N_DENSITY_BINS):
+                self._token_names[CPWORD_DENSITY_COLUMN][self.density_base + k] = f"Density_{k}"
 
     def program_token(self, instrument: int) -> int:
         """The id of the Program token (REMI) / program-field value (CPWord) of an instrument."""
@@ -203,25 +236,90 @@ class PolyTokenizer:
         return () if self.kind == "remi" else (len(CPWORD_FIELDS),)
 
     # ----------------------------------------------------------------- header and tracks
-    def header(self, instruments) -> np.ndarray:
-        """BOS, one token per instrument (sorted, drums last), SEP."""
-        ordered = sorted(set(int(i) for i in instruments))
+    def header(self, densities: dict[int, int]) -> np.ndarray:
+        """BOS, then per instrument (sorted, drums last) its program and density bin, SEP.
+
+        ``densities`` maps each instrument to its density bin (``density_bin``)."""
+        ordered = sorted(int(i) for i in densities)
         for instrument in ordered:
             instrument_name(instrument)  # raises on an out-of-range id
+            if not 0 <= int(densities[instrument]) < N_DENSITY_BINS:
+                raise ValueError(
+                    f"density bin {densities[instrument]}: expected 0..{N_DENSITY_BINS - 1}"
+                )
         if self.kind == "remi":
-            return np.array(
-                [self.bos_id, *(self.program_token(i) for i in ordered), self.sep_id],
-                dtype=np.int64,
-            )
+            entries = [
+                token
+                for i in ordered
+                for token in (self.program_token(i), self.density_base + int(densities[i]))
+            ]
+            return np.array([self.bos_id, *entries, self.sep_id], dtype=np.int64)
         n_fields = len(CPWORD_FIELDS)
         rows = [np.full(n_fields, self.bos_id, dtype=np.int64)]
         for instrument in ordered:
             row = np.full(n_fields, self.ignore_id, dtype=np.int64)
             row[0] = self.bos_id
+            row[CPWORD_DENSITY_COLUMN] = self.density_base + int(densities[instrument])
             row[CPWORD_FIELDS.index("program")] = self.program_token(instrument)
             rows.append(row)
         rows.append(np.full(n_fields, self.sep_id, dtype=np.int64))
         return np.stack(rows)
+
+    def header_length(self, n_instruments: int) -> int:
+        return n_instruments * (2 if self.kind == "remi" else 1) + 2
+
+    def header_densities(self, header: np.ndarray) -> dict[int, int]:
+        """Instrument -> density bin, read back from a header."""
+        header = np.asarray(header, dtype=np.int64)
+        tracks = self.track_ids(header)
+        if self.kind == "remi":
+            is_density = header >= self.density_base
+            return {
+                int(t): int(v - self.density_base)
+                for t, v in zip(tracks[is_density], header[is_density], strict=True)
+            }
+        column = header[:, CPWORD_DENSITY_COLUMN]
+        is_density = (header[:, 0] == self.bos_id) & (column >= self.density_base)
+        return {
+            int(t): int(v - self.density_base)
+            for t, v in zip(tracks[is_density], column[is_density], strict=True)
+        }
+
+    # ----------------------------------------------------------------- densities
+    def is_bar(self, ids: np.ndarray) -> np.ndarray:
+        """True at every bar line (REMI Bar token, CPWord Bar compound)."""
+        ids = np.asarray(ids, dtype=np.int64)
+        if self.kind == "remi":
+            return ids == self.miditok.vocab["Bar_None"]
+        bar = self.miditok.vocab[CPWORD_FIELDS.index("position")]["Bar_None"]
+        return (ids[:, 0] == self.family_metric_id) & (
+            ids[:, CPWORD_FIELDS.index("position")] == bar
+        )
+
+    def notes_per_bar(
+        self, body: np.ndarray, body_tracks: np.ndarray, ends_piece: bool
+    ) -> dict[int, float]:
+        """Notes per bar of every instrument that plays in ``body`` (a stretch of a piece).
+
+        Counted over whole bars: from the first bar line to the last one (the bar after it is
+        cut off), or to the end when ``body`` ends the piece. A stretch inside one bar counts
+        as one bar. An instrument that plays only outside the counted bars gets 0.0.
+        """
+        body = np.asarray(body, dtype=np.int64)
+        body_tracks = np.asarray(body_tracks, dtype=np.int64)
+        notes = self.note_mask(body)
+        present = np.unique(body_tracks[notes])
+        bars = np.flatnonzero(self.is_bar(body))
+        start, end, n_bars = 0, len(body), 1
+        if len(bars):
+            start = int(bars[0])
+            n_bars = len(bars) if ends_piece else len(bars) - 1
+            if n_bars >= 1 and not ends_piece:
+                end = int(bars[-1])
+            n_bars = max(n_bars, 1)
+        counted = body_tracks[start:end][notes[start:end]]
+        counts = np.bincount(counted, minlength=GLOBAL_TRACK + 1)
+        return {int(i): float(counts[i]) / n_bars for i in present}
 
     def eos(self) -> np.ndarray:
         if self.kind == "remi":
@@ -286,8 +384,9 @@ class PolyTokenizer:
         }
         return tuple(sorted(present))
 
-    def encode(self, score: Score, with_eos: bool = True) -> EncodedPiece:
-        """Score -> header + body (+ EOS), with track ids.
+    def encode(self, score: Score, with_eos: bool = True, canonical: bool = True) -> EncodedPiece:
+        """Score -> header + body (+ EOS), with track ids. ``canonical=False`` keeps miditok's
+        own order at each onset (the file's track order; for ablations only).
 
         Raises TokenizationError for a meter outside the vocabulary or a piece with no notes.
         """
@@ -299,7 +398,12 @@ class PolyTokenizer:
                 f"time signature(s) {', '.join(meters)} not in the vocabulary "
                 f"(supported: {self.supported_meters()}); the piece would be re-barred as 4/4"
             )
-        body = np.asarray(self.miditok.encode(score).ids, dtype=np.int64)
+        prepared = self.miditok.preprocess_score(score)
+        if canonical:
+            prepared = canonical_score(prepared)
+        body = np.asarray(
+            self.miditok.encode(prepared, no_preprocess_score=True).ids, dtype=np.int64
+        )
         if body.size == 0:
             raise TokenizationError(
                 "no notes left after tokenization (empty or out-of-range piece)"
@@ -312,11 +416,15 @@ class PolyTokenizer:
             raise TokenizationError(
                 "no notes left after tokenization (empty or out-of-range piece)"
             )
-        parts = [self.header(instruments), body]
+        densities = self.notes_per_bar(body, body_tracks, ends_piece=True)
+        header = self.header({i: density_bin(d) for i, d in densities.items()})
+        parts = [header, body]
         if with_eos:
             parts.append(self.eos())
         ids = np.concatenate(parts)
-        return EncodedPiece(ids=ids, track_ids=self.track_ids(ids), instruments=instruments)
+        return EncodedPiece(
+            ids=ids, track_ids=self.track_ids(ids), instruments=instruments, densities=densities
+        )
 
     def supported_meters(self) -> str:
         return ", ".join(f"{n}/{d}" for d, ns in TIME_SIGNATURES.items() for n in ns)
@@ -402,12 +510,39 @@ class PolyTokenizer:
         return body[keep]
 
 
+def canonical_score(score: Score) -> Score:
+    """The score with tracks in header order (programs ascending, drums last) and each track's
+    notes sorted by (onset, pitch, duration, velocity): miditok's stable sort by time then gives
+    one order at every onset, whatever the file's track order. In place; returns ``score``.
+
+    Apply it to a score miditok has preprocessed (quantised, same-program tracks merged), so
+    notes that quantise to one onset are ordered by pitch too."""
+    score.tracks = sorted(score.tracks, key=lambda t: program_to_instrument(t.program, t.is_drum))
+    for track in score.tracks:
+        notes = track.notes.numpy()
+        if len(notes["time"]) < 2:
+            continue
+        order = np.lexsort((notes["velocity"], notes["duration"], notes["pitch"], notes["time"]))
+        track.notes = Note.from_numpy(**{key: value[order] for key, value in notes.items()})
+    return score
+
+
+def density_bin(notes_per_bar: float) -> int:
+    """The density bin of a part that plays ``notes_per_bar`` notes per bar."""
+    return int(np.searchsorted(DENSITY_EDGES, notes_per_bar, side="right"))
+
+
 def note_count(score: Score) -> int:
     return sum(track.note_num() for track in score.tracks)
 
 
 __all__ = [
     "CPWORD_FIELDS",
+    "DENSITY_EDGES",
+    "HEADER_FORMAT",
+    "N_DENSITY_BINS",
+    "canonical_score",
+    "density_bin",
     "DRUMS",
     "DecodeError",
     "EncodedPiece",

@@ -68,6 +68,7 @@ from .checkpoint import (
 )
 from .config import Config, DataConfig, TrainConfig, model_config_from_dict
 from .data.dataset import MANIFEST_FILE, DatasetError, WindowDataset, tokenizer_of
+from .densities import DENSITY_FILE, DensityStats
 from .model import PolyphonyGPT
 from .tokenizer import PolyTokenizer
 
@@ -389,7 +390,7 @@ def save_training_checkpoint(
     progress: Progress,
     cfg: Config,
     run_info: dict,
-    tokenizer_json: bytes,
+    extra_files: dict[str, bytes],
 ) -> None:
     """Collect the full state on every rank (collective under FSDP), write it from rank 0."""
     options = _state_dict_options(cpu_offload=True)
@@ -404,7 +405,7 @@ def save_training_checkpoint(
             rng_states=rng_states,
             state={**run_info, "progress": dataclasses.asdict(progress)},
             config=cfg.to_dict(),
-            extra_files={"tokenizer.json": tokenizer_json},
+            extra_files=extra_files,
         )
         save_checkpoint(cfg.train.out_dir, checkpoint, keep_last=cfg.train.keep_last)
     accelerator.wait_for_everyone()
@@ -446,6 +447,9 @@ def export_release(checkpoint_path: str | Path, out_dir: str | Path) -> Path:
     temporary = out_dir.with_name(f".{out_dir.name}.tmp")
     shutil.rmtree(temporary, ignore_errors=True)
     model.save_pretrained(temporary, tokenizer)
+    densities = checkpoint.path / DENSITY_FILE
+    if densities.is_file():  # runs from before per-track densities have none
+        shutil.copyfile(densities, temporary / DENSITY_FILE)
     state, progress = checkpoint.state, checkpoint.state["progress"]
     training = {
         "steps": checkpoint.step,
@@ -573,7 +577,13 @@ def train(
         if accelerator.is_main_process:
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
-    tokenizer_json = (dataset_dir / "tokenizer.json").read_bytes()
+    # Saved with every checkpoint: what generation needs beside the weights.
+    extra_files = {
+        "tokenizer.json": (dataset_dir / "tokenizer.json").read_bytes(),
+        DENSITY_FILE: DensityStats.of_pieces(tokenizer, train_set.whole_pieces())
+        .to_json()
+        .encode(),
+    }
 
     last_step = tc.max_steps if stop_at is None else min(stop_at, tc.max_steps)
     if dry_run:
@@ -657,7 +667,7 @@ def train(
         progress.wall_time_s += time.perf_counter() - step_start
         if not dry_run and (step % tc.save_every == 0 or step == last_step):
             save_training_checkpoint(
-                accelerator, model, optimizer, progress, cfg, run_info, tokenizer_json
+                accelerator, model, optimizer, progress, cfg, run_info, extra_files
             )
     bar.close()
 

@@ -9,6 +9,13 @@ and saves it as ``OUT/metrics.json``. ``--requests random`` (default) draws inst
 with a fixed seed (``polyphony.evaluate.random_request``: 1 to 4 common instruments, drums in
 about half); ``--requests validation`` asks for the validation pieces' own instrument sets. With
 ``--nll`` it also scores the checkpoint on the validation split (``OUT/nll.json``).
+
+``--parts`` runs the full-parts checks instead (polyphony/parts.py), on 16-bar excerpts of the
+held-out band pieces: generated vs real notes per bar per part and family, thin parts, PCE/SC/GC
+and instrument fidelity; density controls; continuation; arrangement (``OUT/parts.json``):
+
+    python scripts/evaluate_model.py --checkpoint checkpoints/polyphony-mini \
+        --dataset data/dev --corpus corpus --parts --out runs/parts-mini
 """
 
 from __future__ import annotations
@@ -17,7 +24,9 @@ import argparse
 import json
 from pathlib import Path
 
+from polyphony import parts
 from polyphony.evaluate import evaluate_model, format_nll, format_table, validation_nll
+from polyphony.generation import load_checkpoint
 
 
 def main() -> None:
@@ -32,8 +41,14 @@ def main() -> None:
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--nll", action="store_true", help="also score the validation split")
+    parser.add_argument("--parts", action="store_true", help="the full-parts checks instead")
+    parser.add_argument("--per-piece", type=int, default=4, help="--parts: excerpts per piece")
+    parser.add_argument("--samples", type=int, default=20, help="--parts: pieces per control")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
+    if args.parts:
+        run_parts(args)
+        return
 
     sampling = {"temperature": args.temperature, "top_p": args.top_p}
     report = evaluate_model(
@@ -53,6 +68,21 @@ def main() -> None:
         print(format_nll(nll))
         (args.out / "nll.json").write_text(json.dumps(nll, indent=2) + "\n")
     (args.out / "metrics.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+
+
+def run_parts(args: argparse.Namespace) -> None:
+    checkpoint = load_checkpoint(args.checkpoint)
+    excerpts = parts.band_excerpts(args.dataset, args.corpus, 16, args.per_piece, stride=16)
+    report = {
+        "excerpts": len(excerpts),
+        "requests": parts.requests_from_excerpts(checkpoint, excerpts, 16, args.seed),
+        "control": parts.control(checkpoint, 8, args.samples, args.seed),
+        "continuation": parts.continuation(checkpoint, excerpts, 4, 8, args.seed),
+        "arrangement": parts.arrangement(checkpoint, excerpts, args.seed),
+    }
+    print(parts.format_report(report))
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "parts.json").write_text(json.dumps(report, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from polyphony.data.dataset import (
 )
 from polyphony.data.prepare import prepare_dataset
 from polyphony.instruments import DRUMS, GLOBAL_TRACK
-from polyphony.tokenizer import CPWORD_FIELDS, PolyTokenizer
+from polyphony.tokenizer import CPWORD_FIELDS, PolyTokenizer, density_bin
 
 KINDS = ("remi", "cpword")
 PITCH = CPWORD_FIELDS.index("pitch")
@@ -50,8 +50,11 @@ def band_score(seed: int, n_bars: int = 8, programs=(0, 33), drums=True, pitches
     return score
 
 
-def write_dataset(root: Path, kind: str, sources: dict[str, list[Score]], split: str) -> Path:
-    """Write the scores as MIDI files (``<source>/NN.mid``) and prepare them, all into ``split``."""
+def write_dataset(
+    root: Path, kind: str, sources: dict[str, list[Score]], split: str, **data
+) -> Path:
+    """Write the scores as MIDI files (``<source>/NN.mid``) and prepare them, all into ``split``
+    (``data``: other DataConfig fields)."""
     midi_dir = root.parent / f"{root.name}_midi"
     for source, scores in sources.items():
         (midi_dir / source).mkdir(parents=True, exist_ok=True)
@@ -59,7 +62,7 @@ def write_dataset(root: Path, kind: str, sources: dict[str, list[Score]], split:
             score.dump_midi(midi_dir / source / f"{number:02d}.mid")
     fractions = {"train": (0.0, 0.0), "validation": (1.0, 0.0), "test": (0.0, 1.0)}[split]
     config = DataConfig(
-        tokenization=kind, validation_fraction=fractions[0], test_fraction=fractions[1]
+        tokenization=kind, validation_fraction=fractions[0], test_fraction=fractions[1], **data
     )
     summary = prepare_dataset(midi_dir, root, config, workers=0, progress=False)
     assert summary.pieces[split] == sum(len(scores) for scores in sources.values())
@@ -117,25 +120,76 @@ def pitch_values(tokenizer: PolyTokenizer, ids: np.ndarray, drums: bool = False)
 
 
 # ----------------------------------------------------------------- header, labels, alignment
-def test_every_window_starts_with_its_piece_header(prepared):
+def window_header_length(tokenizer: PolyTokenizer, ids: np.ndarray) -> int:
+    first = ids if tokenizer.kind == "remi" else ids[:, 0]
+    return int(np.flatnonzero(first == tokenizer.sep_id)[0]) + 1
+
+
+def counted_densities(tokenizer: PolyTokenizer, body: np.ndarray, ends_piece: bool) -> dict:
+    """Notes per bar by instrument, counted token by token from the names (independent of
+    PolyTokenizer.notes_per_bar): notes between the first and the last bar line (to the end
+    when the window ends the piece), over the bars between them; present = plays anywhere."""
+    names, programs = [], []
+    program = None
+    for row in body:
+        if tokenizer.kind == "remi":
+            name = tokenizer.token_name(int(row))
+            if name.startswith("Program_"):
+                program = int(name.split("_")[1])
+            names.append(name.split("_")[0])
+            programs.append(program)
+        else:
+            family = tokenizer.token_name(int(row[0]), 0)
+            position = tokenizer.token_name(int(row[1]), 1)
+            note = family == "Family_Note"
+            names.append("Pitch" if note else "Bar" if position == "Bar_None" else "Other")
+            programs.append(
+                int(tokenizer.token_name(int(row[PROGRAM]), PROGRAM).split("_")[1])
+                if note
+                else None
+            )
+    bars = [i for i, name in enumerate(names) if name == "Bar"]
+    notes = [i for i, name in enumerate(names) if name in ("Pitch", "PitchDrum")]
+    instrument = lambda i: DRUMS if programs[i] == -1 else programs[i]  # noqa: E731
+    present = {instrument(i) for i in notes}
+    if not bars:
+        low, high, n_bars = 0, len(body), 1
+    elif ends_piece:
+        low, high, n_bars = bars[0], len(body), len(bars)
+    elif len(bars) == 1:
+        low, high, n_bars = bars[0], len(body), 1
+    else:
+        low, high, n_bars = bars[0], bars[-1], len(bars) - 1
+    counts = Counter(instrument(i) for i in notes if low <= i < high)
+    return {i: counts[i] / n_bars for i in present}
+
+
+def test_every_window_header_lists_what_plays_in_it_with_its_density(prepared):
+    """Window-true headers: the instruments that play in the window, each with the density bin
+    of an independent note count over the window's whole bars."""
     ds = WindowDataset(prepared, "train", max_seq_len=48, seed=3, windows_per_epoch=200)
     tokenizer = ds.tokenizer
-    seen_pieces, mid_piece = set(), 0
+    seen_pieces, mid_piece, fewer = set(), 0, 0
     for index in range(len(ds)):
         window = ds.window(index)
         item = ds[index]
-        stored = ds.piece_ids(window.piece)
-        announced, _ = tokenizer.split_header(stored)
-        header = tokenizer.header(announced)
-        assert announced == ds.instruments[window.piece]  # pieces.jsonl agrees with the shard
-        np.testing.assert_array_equal(item["input_ids"][: len(header)].numpy(), header)
-        np.testing.assert_array_equal(stored[: len(header)], header)
-        header_tracks = item["track_ids"][: len(header)].numpy()
+        length = window_header_length(tokenizer, window.ids)
+        header, body = window.ids[:length], window.ids[length:]
+        piece_end = ds.piece_lengths[window.piece] - window.start
+        ends_piece = len(body) == piece_end
+        expected = counted_densities(tokenizer, body, ends_piece)
+        announced = tokenizer.header_densities(header)
+        assert announced == {i: density_bin(v) for i, v in expected.items()}, index
+        assert set(announced) <= set(ds.instruments[window.piece])
+        np.testing.assert_array_equal(item["input_ids"][:length].numpy(), header)
+        header_tracks = item["track_ids"][:length].numpy()
         assert set(header_tracks[1:-1]) == set(announced)
         assert header_tracks[0] == header_tracks[-1] == GLOBAL_TRACK
         seen_pieces.add(window.piece)
-        mid_piece += window.start > len(header)
+        mid_piece += window.start > ds.header_lengths[window.piece]
+        fewer += len(announced) < len(ds.instruments[window.piece])
     assert len(seen_pieces) >= min(ds.n_pieces, 5) and mid_piece > len(ds) // 2
+    assert fewer > 0  # some windows leave out an instrument of their piece
 
 
 def check_labels(ds: WindowDataset) -> int:
@@ -170,7 +224,17 @@ def test_labels_are_the_next_tokens(prepared):
     evaluation = WindowDataset(prepared, "validation", max_seq_len=256)
     capacity = 257 - evaluation.header_lengths
     ends_mid_window = (evaluation.piece_lengths - evaluation.header_lengths) % capacity != 0
-    assert check_labels(evaluation) == int(ends_mid_window.sum())  # each piece's last chunk
+    # Padded: each piece's last chunk, and any chunk whose window-true header is shorter than
+    # the piece's (an instrument of the piece is silent there).
+    expected, last_piece = 0, None
+    for index in reversed(range(len(evaluation))):
+        window = evaluation.window(index)
+        last_chunk = window.piece != last_piece
+        last_piece = window.piece
+        announced = evaluation.tokenizer.header_densities(window.ids)
+        short_header = len(announced) < len(evaluation.instruments[window.piece])
+        expected += (last_chunk and ends_mid_window[window.piece]) or short_header
+    assert check_labels(evaluation) == expected
 
 
 def test_bar_aligned_windows_start_at_a_bar(prepared):
@@ -182,10 +246,11 @@ def test_bar_aligned_windows_start_at_a_bar(prepared):
     off_bar = 0
     for index in range(len(aligned)):
         window = aligned.window(index)
-        header_length = len(aligned.instruments[window.piece]) + 2
-        assert is_bar(tokenizer, window.ids[header_length])
+        assert is_bar(tokenizer, window.ids[window_header_length(tokenizer, window.ids)])
         unaligned = free.window(index)
-        off_bar += not is_bar(tokenizer, unaligned.ids[header_length])
+        off_bar += not is_bar(
+            tokenizer, unaligned.ids[window_header_length(tokenizer, unaligned.ids)]
+        )
     assert off_bar > len(free) // 2  # alignment is what made the difference
 
 
@@ -346,17 +411,14 @@ def test_validation_windows_cover_each_piece_exactly_once(prepared):
     order = []
     for index in range(len(ds)):
         window = ds.window(index)
-        header_length = len(ds.instruments[window.piece]) + 2
-        header = ds.tokenizer.header(ds.instruments[window.piece])
-        np.testing.assert_array_equal(window.ids[:header_length], header)
+        header_length = window_header_length(ds.tokenizer, window.ids)
         bodies.setdefault(window.piece, []).append(window.ids[header_length:])
         order.append(window.piece)
     assert order == sorted(order)  # piece by piece, in shard order
     assert set(bodies) == set(range(ds.n_pieces))
     for piece, chunks in bodies.items():
         stored = ds.piece_ids(piece)
-        header_length = len(ds.instruments[piece]) + 2
-        np.testing.assert_array_equal(np.concatenate(chunks), stored[header_length:])
+        np.testing.assert_array_equal(np.concatenate(chunks), stored[ds.header_lengths[piece] :])
     # Fixed across epochs and seeds.
     other = WindowDataset(prepared, "validation", max_seq_len=128, seed=9)
     other.set_epoch(4)
@@ -380,7 +442,7 @@ def test_a_drum_track_survives_prepare_dataset_and_decode(prepared):
             window = ds.window(index)
             if DRUMS not in ds.instruments[window.piece]:
                 continue
-            header_length = len(ds.instruments[window.piece]) + 2
+            header_length = window_header_length(tokenizer, window.ids)
             body = complete_bars(tokenizer, window.ids[header_length:])
             drum_rows = drum_mask(tokenizer, body)
             if not drum_rows.any():
@@ -394,7 +456,50 @@ def test_a_drum_track_survives_prepare_dataset_and_decode(prepared):
     assert checked >= 3, "the fixtures should give several windows with drums"
 
 
+# ----------------------------------------------------------------- ablation switches
+@pytest.mark.parametrize("kind", KINDS)
+def test_the_ablation_switches_change_only_what_they_name(kind, tmp_path):
+    """note_order=file keeps the file's track order at an onset; track_densities=false
+    announces the same instruments, each with bin 0."""
+    score = band_score(0, programs=(33, 0))  # the bass track first in the file
+    canonical = write_dataset(tmp_path / "canonical", kind, {"band": [score]}, "train")
+    file_order = write_dataset(
+        tmp_path / "file", kind, {"band": [score]}, "train", note_order="file"
+    )
+    first, second = (
+        WindowDataset(d, "train", 512, seed=0, augment=False) for d in (canonical, file_order)
+    )
+    assert load_manifest(file_order)["config"]["note_order"] == "file"
+    a, b = first.piece_ids(0), second.piece_ids(0)
+    assert a.shape == b.shape and not np.array_equal(a, b)
+    tracks = first.tokenizer.track_ids(a)
+    notes = tracks[first.tokenizer.note_mask(a)]
+    # At the first onset the piano (0) comes before the bass (33) only in canonical order.
+    assert list(notes[:2]) == [0, 33]
+    assert list(second.tokenizer.track_ids(b)[second.tokenizer.note_mask(b)][:2]) == [33, 0]
+    flat = WindowDataset(canonical, "train", 512, seed=0, augment=False, track_densities=False)
+    window, flat_window = first.window(0), flat.window(0)
+    announced = first.tokenizer.header_densities(window.ids)
+    assert flat.tokenizer.header_densities(flat_window.ids) == dict.fromkeys(announced, 0)
+    assert any(announced.values())
+
+
 # ----------------------------------------------------------------- errors
+def test_a_dataset_with_the_old_header_is_refused_naming_prepare(prepared, tmp_path):
+    """Shards written before canonical order and per-track densities (no header_format, i.e.
+    format 1) would train on another token order: refused in one line."""
+    old = tmp_path / "old"
+    shutil.copytree(prepared, old)
+    manifest = json.loads((old / "manifest.json").read_text())
+    del manifest["header_format"]
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DatasetError) as caught:
+        WindowDataset(old, "train", 64)
+    message = str(caught.value)
+    assert "\n" not in message and str(old) in message
+    assert "header format 1" in message and "python -m polyphony.data.prepare" in message
+
+
 def test_missing_or_mismatched_dataset_errors_name_the_dir_and_fix(prepared, tmp_path):
     missing = tmp_path / "nowhere"
     with pytest.raises(DatasetError, match="nowhere.*prepare"):

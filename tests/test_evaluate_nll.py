@@ -13,6 +13,7 @@ from symusic import Score
 from polyphony.config import DataConfig, load_config
 from polyphony.data.dataset import WindowDataset, tokenizer_of
 from polyphony.data.prepare import prepare_dataset
+from polyphony.densities import DENSITY_FILE, DensityStats
 from polyphony.evaluate import (
     REQUEST_POOL,
     evaluate_model,
@@ -39,6 +40,9 @@ def tiny_checkpoint(prepared_remi, tmp_path_factory):
     model = PolyphonyGPT(cfg)
     directory = tmp_path_factory.mktemp("tiny_ckpt")
     model.save_pretrained(directory, tokenizer=tokenizer)
+    train = WindowDataset(prepared_remi, "train", cfg.max_seq_len)
+    stats = DensityStats.of_pieces(tokenizer, train.whole_pieces())
+    (directory / DENSITY_FILE).write_text(stats.to_json())
     return directory
 
 
@@ -47,6 +51,11 @@ def test_validation_nll_matches_a_direct_forward(tiny_checkpoint, prepared_remi)
     model = PolyphonyGPT.from_pretrained(tiny_checkpoint).eval()
     dataset = WindowDataset(prepared_remi, "validation", model.config.max_seq_len, augment=False)
     batch = torch.utils.data.default_collate([dataset[i] for i in range(len(dataset))])
+    # Only the body is scored: a target at or before the header's SEP is the request, given.
+    tokenizer = PolyTokenizer.load(tiny_checkpoint)
+    for row in range(len(batch["labels"])):
+        sep = batch["input_ids"][row].tolist().index(tokenizer.sep_id)
+        batch["labels"][row, :sep] = -100
     with torch.no_grad():
         logits = model(batch["input_ids"], batch["track_ids"]).logits["next_token"]
     expected = torch.nn.functional.cross_entropy(
@@ -59,7 +68,6 @@ def test_validation_nll_matches_a_direct_forward(tiny_checkpoint, prepared_remi)
     assert row["ppl"] == pytest.approx(math.exp(float(expected)), rel=1e-5)
     # An untrained model is near uniform over the vocabulary.
     assert abs(row["nll"] - math.log(model.config.vocab_sizes[0])) < 1.0
-    tokenizer = PolyTokenizer.load(tiny_checkpoint)
     assert result["notes"] == int(tokenizer.note_mask(batch["labels"].numpy()).sum()) > 0
     assert set(result["heads"]) == {"next_token", "next_instrument", "next_type"}
     # The stream's likelihood is REMI's next_token head alone, per note.

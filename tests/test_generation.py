@@ -28,13 +28,16 @@ from torch.utils.data import DataLoader
 
 from polyphony.config import load_config
 from polyphony.data.dataset import WindowDataset, tokenizer_of
+from polyphony.densities import DENSITY_FILE, DensityStats
 from polyphony.generation import (
     GenerationError,
     RemiGrammar,
     Sampling,
     _end_at_bar_line,
+    _windows,
     bar_line_ends_piece,
     generate,
+    grammar_for,
     grammar_violations,
     load_checkpoint,
     make_plan,
@@ -48,13 +51,15 @@ from polyphony.instruments import DRUMS, GLOBAL_TRACK, instrument_name, program_
 from polyphony.metrics import instrument_fidelity, read_request
 from polyphony.model import PolyphonyGPT
 from polyphony.render import RenderError, find_soundfont, plot_piano_roll, render_wav
-from polyphony.tokenizer import CPWORD_FIELDS, DecodeError, PolyTokenizer
+from polyphony.tokenizer import CPWORD_FIELDS, DecodeError, PolyTokenizer, density_bin
 
 REPO = Path(__file__).resolve().parents[1]
 KINDS = ("remi", "cpword")
 CONTEXT = 128  # model context: a few bars of several instruments overflow it
 TRAIN_STEPS = 40
 ADDABLE = (DRUMS, 48, 73, 56)  # strings, flute, trumpet: instruments to arrange onto a piece
+# Density statistics for plans made without a trained model: every part's median is 4 per bar.
+FLAT = DensityStats.measure({0: [2.0, 4.0, 6.0]})
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -93,6 +98,8 @@ def train_tiny_model(dataset_dir: Path, out_dir: Path) -> float:
         optimizer.zero_grad()
         losses.append(out.loss.item())
     model.eval().save_pretrained(out_dir, tokenizer)
+    stats = DensityStats.of_pieces(tokenizer, windows.whole_pieces())
+    (out_dir / DENSITY_FILE).write_text(stats.to_json())
     return losses[0] - losses[-1]
 
 
@@ -174,7 +181,13 @@ def test_tracks_are_exactly_the_requested_instruments(
     checkpoint = checkpoints[kind]
     cost = RemiGrammar.NOTE_COST if kind == "remi" else 1
     budget = cost * len(instruments) + 24 if tight_budget else None
-    plan = make_plan(checkpoint.tokenizer, instruments=instruments, bars=bars, max_tokens=budget)
+    plan = make_plan(
+        checkpoint.tokenizer,
+        checkpoint.densities,
+        instruments=instruments,
+        bars=bars,
+        max_tokens=budget,
+    )
     (ids,) = sample_tokens(checkpoint, plan, Sampling(), seed=seed)
     assert grammar_violations(checkpoint.tokenizer, ids) == []
     path = write_midi(
@@ -197,7 +210,13 @@ def test_a_tight_token_budget_still_plays_every_instrument(checkpoints, kind):
     instruments = [0, 24, 33, 40, 56, 65, 73, DRUMS]
     cost = RemiGrammar.NOTE_COST if kind == "remi" else 1
     budget = cost * len(instruments) + 8
-    plan = make_plan(checkpoint.tokenizer, instruments=instruments, bars=8, max_tokens=budget)
+    plan = make_plan(
+        checkpoint.tokenizer,
+        checkpoint.densities,
+        instruments=instruments,
+        bars=8,
+        max_tokens=budget,
+    )
     for ids in sample_tokens(checkpoint, plan, Sampling(), num_samples=3, seed=1):
         assert len(ids) - len(plan.header) <= budget
         assert grammar_violations(checkpoint.tokenizer, ids) == []
@@ -209,7 +228,12 @@ def test_a_tight_token_budget_still_plays_every_instrument(checkpoints, kind):
 def test_pieces_have_the_requested_bars_meter_and_tempo(checkpoints, kind):
     checkpoint = checkpoints[kind]
     plan = make_plan(
-        checkpoint.tokenizer, instruments="bass, drums", bars=3, tempo=90, time_signature="3/4"
+        checkpoint.tokenizer,
+        checkpoint.densities,
+        instruments="bass, drums",
+        bars=3,
+        tempo=90,
+        time_signature="3/4",
     )
     for ids in sample_tokens(checkpoint, plan, Sampling(), num_samples=2, seed=2):
         assert bar_count(checkpoint.tokenizer, ids) == 3
@@ -257,14 +281,14 @@ def test_duplicates_collapse_and_more_than_15_pitched_instruments_are_refused():
 def test_conflicting_requests_are_refused(small_piece):
     tokenizer = PolyTokenizer.build("remi")
     with pytest.raises(GenerationError, match="exclude"):
-        make_plan(tokenizer, prompt=small_piece, arrange=small_piece, add="drums")
+        make_plan(tokenizer, FLAT, prompt=small_piece, arrange=small_piece, add="drums")
     with pytest.raises(GenerationError, match="--add"):
-        make_plan(tokenizer, arrange=small_piece)
+        make_plan(tokenizer, FLAT, arrange=small_piece)
     present = tokenizer.instruments_of(small_piece)[0]
     with pytest.raises(GenerationError, match="already in"):
-        make_plan(tokenizer, arrange=small_piece, add=[present])
+        make_plan(tokenizer, FLAT, arrange=small_piece, add=[present])
     with pytest.raises(GenerationError, match="vocabulary"):
-        make_plan(tokenizer, instruments="piano", time_signature="11/8")
+        make_plan(tokenizer, FLAT, instruments="piano", time_signature="11/8")
 
 
 # ----------------------------------------------------------------------------- the other modes
@@ -273,7 +297,7 @@ def test_arrangement_keeps_every_existing_note_and_adds_parts(checkpoints, small
     checkpoint = checkpoints[kind]
     existing = notes_of(quantised(checkpoint.tokenizer, small_piece))
     added = [i for i in ADDABLE if i not in existing][:2]
-    plan = make_plan(checkpoint.tokenizer, arrange=small_piece, add=added)
+    plan = make_plan(checkpoint.tokenizer, checkpoint.densities, arrange=small_piece, add=added)
     for ids in sample_tokens(checkpoint, plan, Sampling(), num_samples=2, seed=3):
         assert grammar_violations(checkpoint.tokenizer, ids) == []
         output = notes_of(to_score(checkpoint.tokenizer, ids, plan))
@@ -292,7 +316,9 @@ def test_continuation_starts_with_the_quantised_prompt(checkpoints, small_piece,
     prompt_end = 2 * prompt.ticks_per_quarter * 4 * ts.numerator // ts.denominator  # 2 bars
     expected = {i: [n for n in notes if n[0] < prompt_end] for i, notes in notes_of(prompt).items()}
     assert any(not notes for notes in expected.values()), "want an instrument entering later"
-    plan = make_plan(checkpoint.tokenizer, prompt=small_piece, prompt_bars=2, bars=2)
+    plan = make_plan(
+        checkpoint.tokenizer, checkpoint.densities, prompt=small_piece, prompt_bars=2, bars=2
+    )
     for ids in sample_tokens(checkpoint, plan, Sampling(), num_samples=2, seed=4):
         assert grammar_violations(checkpoint.tokenizer, ids) == []
         assert bar_count(checkpoint.tokenizer, ids) == 4
@@ -306,10 +332,85 @@ def test_continuation_instruments_restrict_and_add(small_piece):
     tokenizer = PolyTokenizer.build("remi")
     in_file = tokenizer.instruments_of(small_piece)
     kept, added = in_file[0], next(i for i in ADDABLE if i not in in_file)
-    plan = make_plan(tokenizer, prompt=small_piece, prompt_bars=2, instruments=[kept, added])
+    plan = make_plan(tokenizer, FLAT, prompt=small_piece, prompt_bars=2, instruments=[kept, added])
     assert plan.instruments == plan.required == [kept, added]
     played = set(tokenizer.track_ids(plan.prompt_body).tolist()) - {GLOBAL_TRACK}
     assert played == {kept}
+
+
+# ----------------------------------------------------------------------------- densities
+def bins_of(tokenizer: PolyTokenizer, header: np.ndarray) -> dict[int, int]:
+    return tokenizer.header_densities(header)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_requested_densities_reach_the_header(checkpoints, kind):
+    """Numbers, levels (the checkpoint's quartiles) and defaults (its medians), per track."""
+    checkpoint = checkpoints[kind]
+    stats = checkpoint.densities
+    plan = make_plan(
+        checkpoint.tokenizer, stats, instruments="piano, bass, drums",
+        density="bass=4, drums=dense",
+    )  # fmt: skip
+    assert plan.densities == {0: stats.default(0), 33: 4.0, DRUMS: stats.quartiles(DRUMS)[2]}
+    expected = {i: density_bin(v) for i, v in plan.densities.items()}
+    assert bins_of(checkpoint.tokenizer, plan.header) == expected
+    sparse = make_plan(checkpoint.tokenizer, stats, instruments="bass", density="bass=sparse")
+    dense = make_plan(checkpoint.tokenizer, stats, instruments="bass", density="bass=dense")
+    assert sparse.densities[33] <= dense.densities[33]
+    for bad, match in (("bass=-1", "notes per bar"), ("bass", "INSTRUMENT=VALUE"),
+                       ("drums=4", "will not have"), ("banjoo=2", "banjoo")):  # fmt: skip
+        with pytest.raises(GenerationError, match=match):
+            make_plan(checkpoint.tokenizer, stats, instruments="piano, bass", density=bad)
+
+
+def test_continuation_announces_each_prompt_track_as_it_plays(small_piece):
+    """Prompt tracks: notes per bar over the prompt bars, counted on the quantised score."""
+    tokenizer = PolyTokenizer.build("remi")
+    prompt = quantised(tokenizer, small_piece)
+    (ts,) = prompt.time_signatures
+    bar = prompt.ticks_per_quarter * 4 * ts.numerator // ts.denominator
+    plan = make_plan(tokenizer, FLAT, prompt=small_piece, prompt_bars=2, bars=2)
+    counted = {
+        i: sum(1 for note in notes if note[0] < 2 * bar) / 2
+        for i, notes in notes_of(prompt).items()
+    }
+    # An instrument silent in the prompt bars plays at the default (FLAT: 4 per bar).
+    expected = {i: 4.0 if n == 0 else n for i, n in counted.items()}
+    assert plan.densities == pytest.approx(expected)
+    assert bins_of(tokenizer, plan.header) == {i: density_bin(v) for i, v in expected.items()}
+
+
+def test_arrangement_measures_the_piece_and_gives_added_parts_their_density(small_piece):
+    tokenizer = PolyTokenizer.build("remi")
+    piece = quantised(tokenizer, small_piece)
+    n_bars = int(tokenizer.is_bar(tokenizer.encode(small_piece).ids).sum())
+    added = [i for i in ADDABLE if i not in notes_of(piece)][:2]
+    plan = make_plan(
+        tokenizer, FLAT, arrange=small_piece, add=added,
+        density=f"{instrument_name(added[0])}=7.5",
+    )  # fmt: skip
+    expected = {i: len(notes) / n_bars for i, notes in notes_of(piece).items()}
+    expected.update({added[0]: 7.5, added[1]: 4.0})
+    assert plan.densities == pytest.approx(expected)
+    assert bins_of(tokenizer, plan.header) == {i: density_bin(v) for i, v in expected.items()}
+
+
+def test_the_header_stays_when_the_window_slides(checkpoints):
+    """Past the context, the kept window still opens with the request's header."""
+    checkpoint = checkpoints["remi"]
+    plan = make_plan(
+        checkpoint.tokenizer, checkpoint.densities, instruments="piano, bass, drums",
+        bars=48, density="bass=2.5",
+    )  # fmt: skip
+    grammar = grammar_for(checkpoint.tokenizer, "cpu")
+    (ids,) = sample_tokens(checkpoint, plan, Sampling(), seed=0)
+    assert len(ids) > 2 * CONTEXT
+    rows = torch.as_tensor(ids)[None]
+    tracks = torch.as_tensor(checkpoint.tokenizer.track_ids(ids))[None]
+    window, _, length = _windows(rows, tracks, len(plan.header), CONTEXT * 3 // 4, grammar)
+    assert int(length[0]) < len(ids)
+    np.testing.assert_array_equal(window[0, : len(plan.header)].numpy(), plan.header)
 
 
 # ----------------------------------------------------------------------------- decoding
@@ -327,7 +428,11 @@ def test_same_seed_same_file_different_seed_different_file(checkpoints):
 def test_cached_decode_matches_full_forward(checkpoints, kind):
     checkpoint = checkpoints[kind]
     plan = make_plan(
-        checkpoint.tokenizer, instruments="piano, bass, drums", bars=16, max_tokens=200
+        checkpoint.tokenizer,
+        checkpoint.densities,
+        instruments="piano, bass, drums",
+        bars=48,
+        max_tokens=200,
     )
     greedy = Sampling(temperature=0.0)
     cached = sample_tokens(checkpoint, plan, greedy, num_samples=2, seed=0)
@@ -342,7 +447,7 @@ def test_the_grammar_checker_rejects_broken_sequences(small_piece, kind):
     tokenizer = PolyTokenizer.build(kind)
     ids = tokenizer.encode(small_piece).ids
     assert grammar_violations(tokenizer, ids) == []
-    header = len(tokenizer.header(tokenizer.instruments_of(small_piece)))
+    header = tokenizer.encode(small_piece).header_length
     without_first_bar = np.delete(ids, header, axis=0)  # the body must open with a Bar
     assert grammar_violations(tokenizer, without_first_bar)
     reversed_body = np.concatenate([ids[:header], ids[header:][::-1]])

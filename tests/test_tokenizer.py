@@ -21,10 +21,14 @@ from symusic import Note, Score, TimeSignature, Track
 from polyphony.instruments import DRUMS, GLOBAL_TRACK, program_to_instrument
 from polyphony.tokenizer import (
     CPWORD_FIELDS,
+    DENSITY_EDGES,
+    N_DENSITY_BINS,
     DecodeError,
     EncodedPiece,
     PolyTokenizer,
     TokenizationError,
+    canonical_score,
+    density_bin,
 )
 
 KINDS = ("remi", "cpword")
@@ -134,7 +138,8 @@ def test_real_files_round_trip_within_quantisation(tokenizer, real_pieces):
 
 def test_track_ids_equal_miditok_event_programs(tokenizer, real_pieces):
     for name, score, encoded in real_pieces:
-        sequence = tokenizer.miditok.encode(score)
+        canonical = canonical_score(tokenizer.miditok.preprocess_score(score))
+        sequence = tokenizer.miditok.encode(canonical, no_preprocess_score=True)
         if tokenizer.kind == "remi":
             expected = [
                 program_to_instrument(event.program)
@@ -153,7 +158,7 @@ def test_track_ids_equal_miditok_event_programs(tokenizer, real_pieces):
         body_tracks = tokenizer.track_ids(np.asarray(sequence.ids))
         np.testing.assert_array_equal(body_tracks, expected, err_msg=name)
         # The stored track ids of a full encoding agree: header + the same body + EOS.
-        header_length = len(encoded.instruments) + 2
+        header_length = encoded.header_length
         np.testing.assert_array_equal(encoded.track_ids[header_length:-1], expected, name)
         assert DRUMS not in expected or any(t.is_drum for t in score.tracks)
 
@@ -164,13 +169,94 @@ def test_header_lists_exactly_the_piece_instruments(tokenizer, real_pieces):
         announced, body = tokenizer.split_header(encoded.ids)
         assert list(announced) == sorted(present), name  # ascending: drums (128) come last
         assert encoded.instruments == announced
-        header = encoded.ids[: len(announced) + 2]
-        np.testing.assert_array_equal(header, tokenizer.header(present))
+        header = encoded.ids[: encoded.header_length]
+        bins = {i: density_bin(v) for i, v in encoded.densities.items()}
+        np.testing.assert_array_equal(header, tokenizer.header(bins))
+        assert tokenizer.header_densities(header) == bins
         field = 0 if tokenizer.kind == "remi" else CPWORD_FIELDS.index("program")
-        column = header[1:-1] if tokenizer.kind == "remi" else header[1:-1, field]
+        column = header[1:-1:2] if tokenizer.kind == "remi" else header[1:-1, field]
         names = [tokenizer.token_name(int(i), field) for i in column]
         assert names == [f"Program_{-1 if i == DRUMS else i}" for i in sorted(present)], name
-        assert len(body) == len(encoded.ids) - len(announced) - 3  # header and EOS stripped
+        assert len(body) == len(encoded.ids) - encoded.header_length - 1  # header, EOS stripped
+
+
+# ----------------------------------------------------------------- canonical order, densities
+def onset_groups(tokenizer: PolyTokenizer, ids: np.ndarray) -> list[list[tuple[int, int]]]:
+    """(instrument, pitch) of each note, grouped by onset (REMI: between Position/Bar tokens;
+    CPWord: between Metric compounds), in stream order."""
+    tracks = tokenizer.track_ids(ids)
+    groups, current = [], []
+    for row, track in zip(ids, tracks, strict=True):
+        if tokenizer.kind == "remi":
+            name = tokenizer.token_name(int(row))
+            new_onset = name.startswith(("Position_", "Bar_"))
+            pitch = int(name.split("_")[1]) if name.startswith(("Pitch_", "PitchDrum_")) else None
+        else:
+            new_onset = tokenizer.token_name(int(row[0]), 0) == "Family_Metric"
+            field = CPWORD_FIELDS.index("pitch")
+            is_note = tokenizer.token_name(int(row[0]), 0) == "Family_Note"
+            pitch = (
+                int(tokenizer.token_name(int(row[field]), field).split("_")[1]) if is_note else None
+            )
+        if new_onset and current:
+            groups.append(current)
+            current = []
+        if pitch is not None:
+            current.append((int(track), pitch))
+    return groups + ([current] if current else [])
+
+
+def test_notes_at_an_onset_come_in_header_order_then_pitch_ascending(tokenizer, real_pieces):
+    for name, _, encoded in real_pieces:
+        body = encoded.ids[encoded.header_length : -1]
+        for group in onset_groups(tokenizer, body):
+            assert group == sorted(group), name  # instruments ascending = header order
+
+
+@settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(data=st.data())
+def test_the_order_does_not_depend_on_the_files_track_order(tokenizer, real_pieces, data):
+    """A pure function of the notes: shuffling the tracks, and the notes inside each track,
+    gives the same tokens."""
+    index = data.draw(st.integers(0, len(real_pieces) - 1))
+    name, score, encoded = real_pieces[index]
+    shuffled = score.copy()
+    order = data.draw(st.permutations(range(len(shuffled.tracks))))
+    shuffled.tracks = [shuffled.tracks[i].copy() for i in order]
+    seed = data.draw(st.integers(0, 2**16))
+    rng = np.random.default_rng(seed)
+    for track in shuffled.tracks:
+        notes = track.notes.numpy()
+        permutation = rng.permutation(len(notes["time"]))
+        track.notes = Note.from_numpy(**{k: v[permutation] for k, v in notes.items()})
+    np.testing.assert_array_equal(tokenizer.encode(shuffled).ids, encoded.ids, err_msg=name)
+
+
+def test_header_densities_equal_notes_per_bar_of_the_piece(tokenizer, real_pieces):
+    """The piece header's bins come from an independent count on the decoded score."""
+    for name, _, encoded in real_pieces:
+        decoded = tokenizer.decode(encoded.ids)
+        ticks_per_bar = {ts.time: ts for ts in decoded.time_signatures}
+        if len(ticks_per_bar) != 1:
+            continue  # one meter keeps the bar count simple
+        (ts,) = ticks_per_bar.values()
+        bar = decoded.ticks_per_quarter * 4 * ts.numerator // ts.denominator
+        n_bars = int(np.sum(tokenizer.is_bar(encoded.ids)))
+        expected = {}
+        for track in decoded.tracks:
+            instrument = program_to_instrument(track.program, track.is_drum)
+            expected[instrument] = density_bin(track.note_num() / n_bars)
+        assert tokenizer.header_densities(encoded.ids[: encoded.header_length]) == expected, name
+        assert max(n.end for t in decoded.tracks for n in t.notes) <= (n_bars + 1) * bar
+
+
+def test_density_bins_are_ordered_and_cover_every_rate():
+    assert list(DENSITY_EDGES) == sorted(DENSITY_EDGES)
+    assert density_bin(0.0) == 0 and density_bin(1e6) == N_DENSITY_BINS - 1
+    for k, edge in enumerate(DENSITY_EDGES, 1):
+        assert density_bin(edge) == k and density_bin(edge - 1e-9) == k - 1
 
 
 def test_fixtures_include_a_drum_track(fixture_midi_dir):

@@ -1,9 +1,11 @@
 """Prepared shards -> training windows: instrument header, track ids, labels, augmentation.
 
-A *window* is one row of a batch: its piece's instrument header (``BOS <instruments> SEP``)
-followed by a stretch of the piece's body, ``max_seq_len`` positions in all, right-padded. The
-header is repeated at the start of every window, so the model always knows which instruments
-it is writing for, wherever in the piece the window begins.
+A *window* is one row of a batch: a header (``BOS <instrument, density>... SEP``) followed by a
+stretch of the piece's body, ``max_seq_len`` positions in all, right-padded. The header is
+*window-true*: it lists the instruments that play in that stretch, each with the density bin of
+its notes per bar there (``PolyTokenizer.notes_per_bar``), so the model learns to write every
+announced part at the announced density, wherever in the piece the window begins. Generation
+writes the same header from the request.
 
 Train windows are drawn at random, yet item ``i`` of epoch ``e`` is a pure function of
 ``(seed, e, i)`` (its own ``np.random.default_rng([seed, e, i])``): a resumed run sees exactly
@@ -32,7 +34,13 @@ from torch.utils.data import Dataset
 
 from ..config import DataConfig
 from ..instruments import DRUMS, GLOBAL_TRACK
-from ..tokenizer import CPWORD_FIELDS, TOKENIZER_FILE, PolyTokenizer
+from ..tokenizer import (
+    CPWORD_FIELDS,
+    HEADER_FORMAT,
+    TOKENIZER_FILE,
+    PolyTokenizer,
+    density_bin,
+)
 
 SPLITS = ("train", "validation", "test")
 MANIFEST_FILE = "manifest.json"
@@ -77,6 +85,12 @@ def tokenizer_of(dataset_dir: str | Path) -> PolyTokenizer:
         raise DatasetError(
             f"{root}: {TOKENIZER_FILE} is missing; re-run `{PREPARE_COMMAND}` into this directory."
         )
+    if manifest.get("header_format", 1) != HEADER_FORMAT:
+        raise DatasetError(
+            f"{root}: prepared with header format {manifest.get('header_format', 1)}, this "
+            f"polyphony reads format {HEADER_FORMAT} (canonical note order, per-track densities); "
+            f"re-run `{PREPARE_COMMAND}` into a fresh directory."
+        )
     tokenizer = PolyTokenizer.load(root)
     if manifest.get("tokenizer_hash") != tokenizer.hash:
         raise DatasetError(
@@ -116,6 +130,7 @@ class WindowDataset(Dataset):
         transpose_semitones: int = 5,
         velocity_shift: int = 8,
         windows_per_epoch: int | None = None,
+        track_densities: bool = True,
     ):
         if split not in SPLITS:
             raise ValueError(f"split={split!r}: expected one of {SPLITS}")
@@ -131,6 +146,7 @@ class WindowDataset(Dataset):
         self.augment = bool(augment) and self.is_train
         self.bar_aligned = bool(bar_aligned)
         self.transpose_semitones = int(transpose_semitones)
+        self.track_densities = bool(track_densities)
         self.manifest = load_manifest(self.root)
         self.tokenizer = tokenizer_of(self.root)
 
@@ -149,7 +165,10 @@ class WindowDataset(Dataset):
         self._build_token_tables(velocity_shift)
 
         lengths = np.diff(self.offsets)
-        self.header_lengths = np.array([len(i) + 2 for i in self.instruments], dtype=np.int64)
+        # The header stored with each piece (whole-piece densities); windows write their own.
+        self.header_lengths = np.array(
+            [self.tokenizer.header_length(len(i)) for i in self.instruments], dtype=np.int64
+        )
         self.piece_lengths = lengths
         if self.is_train:
             self._build_sampler(source_weights or {})
@@ -190,6 +209,7 @@ class WindowDataset(Dataset):
             bar_aligned=data_cfg.bar_aligned_windows,
             transpose_semitones=data_cfg.transpose_semitones,
             velocity_shift=data_cfg.velocity_shift,
+            track_densities=data_cfg.track_densities,
         )
 
     # ----------------------------------------------------------------- shards and pieces
@@ -265,6 +285,17 @@ class WindowDataset(Dataset):
         """All rows of one piece (header, body, EOS) as stored in the shard."""
         ids, _ = self.shards
         return np.asarray(ids[self.offsets[piece] : self.offsets[piece + 1]], dtype=np.int64)
+
+    def whole_pieces(self):
+        """``(ids, track_ids, header_length)`` of every piece, as stored (for statistics)."""
+        ids, track_ids = self.shards
+        for piece in range(self.n_pieces):
+            rows = slice(int(self.offsets[piece]), int(self.offsets[piece + 1]))
+            yield (
+                np.asarray(ids[rows], dtype=np.int64),
+                np.asarray(track_ids[rows], dtype=np.int64),
+                int(self.header_lengths[piece]),
+            )
 
     # ----------------------------------------------------------------- token lookup tables
     def _build_token_tables(self, velocity_shift: int) -> None:
@@ -413,16 +444,20 @@ class WindowDataset(Dataset):
         return header_length
 
     def _assemble(self, piece: int, start: int, capacity: int) -> tuple[np.ndarray, np.ndarray]:
-        """Header + piece rows ``start:start+capacity``, at most T+1 rows, as int64 copies."""
+        """Window-true header + piece rows ``start:start+capacity``, at most T+1 rows, as int64
+        copies. The header is never longer than the piece's own, so the window always fits."""
         ids, track_ids = self.shards
-        base = int(self.offsets[piece])
-        end = min(base + start + capacity, int(self.offsets[piece + 1]))
-        header = self.tokenizer.header(self.instruments[piece])
-        header_tracks = self.tokenizer.track_ids(header)
+        base, piece_end = int(self.offsets[piece]), int(self.offsets[piece + 1])
+        end = min(base + start + capacity, piece_end)
         # Stored track ids, not recomputed: a slice that begins mid-note (REMI, no bar
         # alignment) still knows the instrument of its leading Pitch/Velocity/Duration tokens.
         body = np.asarray(ids[base + start : end], dtype=np.int64)
         body_tracks = np.asarray(track_ids[base + start : end], dtype=np.int64)
+        densities = self.tokenizer.notes_per_bar(body, body_tracks, ends_piece=end == piece_end)
+        header = self.tokenizer.header(
+            {i: density_bin(d) if self.track_densities else 0 for i, d in densities.items()}
+        )
+        header_tracks = self.tokenizer.track_ids(header)
         limit = self.max_seq_len + 1
         return (
             np.concatenate([header, body])[:limit],

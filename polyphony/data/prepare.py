@@ -56,7 +56,7 @@ from tqdm import tqdm
 
 from ..config import TOKENIZATIONS, ConfigError, DataConfig, load_config
 from ..instruments import instrument_name
-from ..tokenizer import PolyTokenizer, TokenizationError
+from ..tokenizer import HEADER_FORMAT, PolyTokenizer, TokenizationError
 
 MIDI_SUFFIXES = {".mid", ".midi", ".kar"}
 SPLITS = ("train", "validation", "test")
@@ -65,7 +65,7 @@ MANIFEST_FILE = "manifest.json"
 REPORT_FILE = "report.jsonl"
 TEST_HOOK_ENV = "POLYPHONY_PREPARE_TEST_HOOK"
 FORMAT_VERSION = 1
-CACHE_VERSION = 1  # bump when per-file processing changes, so stale cache entries are ignored
+CACHE_VERSION = 2  # bump when per-file processing changes, so stale cache entries are ignored
 # DataConfig fields that decide a single file's outcome: a cached failure is reused only under
 # the same values (raise data.file_timeout_s and the timed-out files are tried again).
 FILE_LIMIT_FIELDS = (
@@ -77,7 +77,13 @@ FILE_LIMIT_FIELDS = (
 )
 # Everything that decides the dataset's content, recorded in the manifest. `workers` is not
 # here: it changes the speed, never the bytes.
-PREPARE_FIELDS = ("tokenization", *FILE_LIMIT_FIELDS, "validation_fraction", "test_fraction")
+PREPARE_FIELDS = (
+    "tokenization",
+    *FILE_LIMIT_FIELDS,
+    "validation_fraction",
+    "test_fraction",
+    "note_order",
+)
 INT32_MAX = 2**31 - 1
 DEFAULT_MSPQ = 500_000  # microseconds per quarter before the first tempo event (120 qpm)
 
@@ -267,7 +273,7 @@ def process_midi(data: bytes, tokenizer: PolyTokenizer, limits: DataConfig) -> T
         return measured
     n_notes, n_bars, seconds = measured
     try:
-        encoded = tokenizer.encode(score)
+        encoded = tokenizer.encode(score, canonical=limits.note_order != "file")
     except TokenizationError as err:  # a meter outside the vocabulary, nothing left to encode
         return Skip("validate", str(err))
     except MemoryError:
@@ -495,7 +501,8 @@ class _Cache:
     """
 
     def __init__(self, out_dir: Path, tokenizer: PolyTokenizer, limits: DataConfig):
-        self.dir = out_dir / "cache" / f"v{CACHE_VERSION}-{tokenizer.hash}"
+        order = "" if limits.note_order == "canonical" else f"-{limits.note_order}"
+        self.dir = out_dir / "cache" / f"v{CACHE_VERSION}-{tokenizer.hash}{order}"
         self.settings = {name: getattr(limits, name) for name in FILE_LIMIT_FIELDS}
         self.ids_shape = tokenizer.ids_shape
         self._ids_per_token = int(np.prod(self.ids_shape))
@@ -809,6 +816,10 @@ def prepare_dataset(
         raise PrepareError(f"{midi_dir}: MIDI folder not found (give a folder of .mid files)")
     if workers < 0:
         raise PrepareError(f"workers={workers}: expected >= 1 (or 0 for no isolation)")
+    if data_config.note_order not in ("canonical", "file"):
+        raise PrepareError(
+            f"data.note_order={data_config.note_order!r}: expected canonical or file"
+        )
     if tokenizer is None:
         tokenizer = PolyTokenizer.build(data_config.tokenization)
     elif tokenizer.kind != data_config.tokenization:
@@ -906,6 +917,7 @@ def _manifest(midi_dir, tokenizer, data_config, n_found, members, report) -> dic
     total = _totals(stats for _, stats in everything)
     return {
         "format_version": FORMAT_VERSION,
+        "header_format": HEADER_FORMAT,
         "tokenization": tokenizer.kind,
         "tokenizer_hash": tokenizer.hash,
         "midi_dir": str(midi_dir.resolve()),

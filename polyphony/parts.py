@@ -1,0 +1,300 @@
+"""Full-parts evaluation: does every requested instrument play a real part?
+
+Measured on held-out band pieces (the validation and test splits' ``band`` source), cut into
+16-bar excerpts, against what those excerpts really play. Four checks, each a function:
+
+* :func:`requests_from_excerpts`: generate each excerpt's own instrument set (default
+  densities), compare notes per bar per part and per family, thin parts, PCE/SC/GC, fidelity;
+* :func:`control`: ``sparse`` < ``medium`` < ``dense`` and a numeric request, per instrument;
+* :func:`continuation`: prompt tracks keep playing after the prompt;
+* :func:`arrangement`: added bass and drums land near their target density.
+
+``scripts/evaluate_model.py --parts`` runs them and prints the tables (docs/generation.md).
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from symusic import Score, Tempo, TimeSignature
+
+from .evaluate import split_pieces
+from .instruments import DRUMS
+from .metrics import (
+    bar_lines,
+    groove_consistency,
+    instrument_fidelity,
+    pitch_class_entropy,
+    scale_consistency,
+    track_densities,
+)
+
+THIN = 0.5  # notes per bar: a part below this plays less than one note every two bars
+# The families of the report, as GM program ranges (drums apart).
+REPORT_FAMILIES = {
+    "bass": range(32, 40),
+    "piano/keys": range(0, 24),
+    "guitar": range(24, 32),
+    "strings": range(40, 56),
+    "brass/reed": range(56, 80),
+    "synth": range(80, 104),
+    "other": range(104, 128),
+}
+MUSIC_METRICS: dict[str, Callable[[Score], float]] = {
+    "pitch_class_entropy": pitch_class_entropy,
+    "scale_consistency": scale_consistency,
+    "groove_consistency": groove_consistency,
+}
+
+
+def report_family(instrument: int) -> str:
+    if instrument == DRUMS:
+        return "drums"
+    return next(name for name, programs in REPORT_FAMILIES.items() if instrument in programs)
+
+
+# ------------------------------------------------------------------------------- excerpts
+def excerpt(score: Score, first_bar: int, n_bars: int) -> Score | None:
+    """Bars ``first_bar .. first_bar + n_bars`` of ``score``, moved to tick 0 with the tempo
+    and meter in force there; None if the piece is shorter."""
+    end = max((t.end() for t in score.tracks if t.notes), default=0)
+    starts, lengths = bar_lines(score, score.ticks_per_quarter, end + 1)
+    if first_bar + n_bars > len(starts):
+        return None
+    last = first_bar + n_bars
+    low = int(starts[first_bar])
+    high = int(starts[last]) if last < len(starts) else int(starts[-1] + lengths[-1])
+    cut = score.clip(low, high, clip_end=True).shift_time(-low)
+    tempo = [t for t in score.tempos if t.time <= low][-1:] or [Tempo(0, 120.0)]
+    meter = [ts for ts in score.time_signatures if ts.time <= low][-1:] or [TimeSignature(0, 4, 4)]
+    cut.tempos = [Tempo(0, tempo[0].qpm), *(t for t in cut.tempos if t.time > 0)]
+    cut.time_signatures = [
+        TimeSignature(0, meter[0].numerator, meter[0].denominator),
+        *(ts for ts in cut.time_signatures if ts.time > 0),
+    ]
+    cut.tracks = [t for t in cut.tracks if t.notes]
+    return cut if cut.tracks else None
+
+
+def band_excerpts(
+    dataset_dir, corpus_dir, n_bars: int, per_piece: int, stride: int
+) -> list[tuple[str, Score]]:
+    """Up to ``per_piece`` excerpts of every held-out band piece (validation and test splits),
+    starting every ``stride`` bars."""
+    found = []
+    for split in ("validation", "test"):
+        for piece in split_pieces(dataset_dir, split):
+            if piece.get("source") != "band":
+                continue
+            score = Score(str(Path(corpus_dir) / piece["path"]))
+            for k in range(per_piece):
+                cut = excerpt(score, k * stride, n_bars)
+                if cut is not None:
+                    found.append((f"{piece['path']}@{k * stride}", cut))
+    return found
+
+
+def instruments_of(score: Score) -> list[int]:
+    return list(track_densities(score))
+
+
+# ------------------------------------------------------------------------------- figures
+def _median(values) -> float | None:
+    values = list(values)
+    return statistics.median(values) if values else None
+
+
+def part_figures(pairs: list[tuple[Score, Score]], n_bars: int) -> dict[str, Any]:
+    """Generated vs real over (generated, real excerpt) pairs that ask for the same parts; a
+    requested part that stayed silent counts as 0 notes per bar."""
+    rates: dict[str, list[tuple[int, float]]] = {"generated": [], "real": []}
+    metrics = {side: {name: [] for name in MUSIC_METRICS} for side in rates}
+    fidelity = []
+    for generated, real in pairs:
+        played = track_densities(generated)
+        for instrument, (notes, _) in track_densities(real).items():
+            rates["real"].append((instrument, notes / n_bars))
+            rates["generated"].append((instrument, played.get(instrument, (0, 0.0))[0] / n_bars))
+        for side, score in (("generated", generated), ("real", real)):
+            for name, metric in MUSIC_METRICS.items():
+                value = metric(score)
+                if np.isfinite(value):
+                    metrics[side][name].append(value)
+        fidelity.append(instrument_fidelity(generated))
+    table = {}
+    for side, parts in rates.items():
+        by_family: dict[str, list[float]] = {}
+        for instrument, per_bar in parts:
+            by_family.setdefault(report_family(instrument), []).append(per_bar)
+        table[side] = {
+            "parts": len(parts),
+            "thin_fraction": sum(v < THIN for _, v in parts) / max(len(parts), 1),
+            "median_per_family": {f: _median(v) for f, v in sorted(by_family.items())},
+            "parts_per_family": {f: len(v) for f, v in sorted(by_family.items())},
+            **{name: float(np.mean(v)) if v else None for name, v in metrics[side].items()},
+        }
+    table["precision"] = float(np.mean([f["precision"] for f in fidelity if f]))
+    table["recall"] = float(np.mean([f["recall"] for f in fidelity if f]))
+    return table
+
+
+def requests_from_excerpts(
+    checkpoint, excerpts, n_bars: int, seed: int, flat: bool = False
+) -> dict[str, Any]:
+    """Each excerpt's own instrument set at the checkpoint's default densities (``flat``:
+    density bin 0 for every part, for models trained without densities)."""
+    from .generation import generate
+
+    pairs = []
+    for index, (_, real) in enumerate(excerpts):
+        request = instruments_of(real)
+        pitched = [i for i in request if i != DRUMS][:15]
+        request = pitched + ([DRUMS] if DRUMS in request else [])
+        real.tracks = [t for t in real.tracks if (DRUMS if t.is_drum else t.program) in request]
+        density = {i: 0.0 for i in request} if flat else None
+        score = generate(
+            request, bars=n_bars, seed=seed + index, checkpoint=checkpoint, density=density
+        )
+        pairs.append((score, real))
+    return part_figures(pairs, n_bars)
+
+
+# ------------------------------------------------------------------------------- controls
+CONTROLLED = {"drums": DRUMS, "bass": 33, "piano": 0, "guitar": 25, "strings": 48}
+COMPANIONS = {DRUMS: [0, 33], 33: [0, DRUMS], 0: [33, DRUMS], 25: [33, DRUMS], 48: [0, DRUMS]}
+
+
+def control(checkpoint, n_bars: int, samples: int, seed: int) -> dict[str, Any]:
+    """Per controlled instrument (with two companions): measured notes per bar of ``samples``
+    pieces at each level and at a numeric request (the instrument's upper quartile x 1.25)."""
+    from .generation import generate
+
+    results = {}
+    for name, instrument in CONTROLLED.items():
+        request = [instrument, *COMPANIONS[instrument]]
+        numeric = round(checkpoint.densities.quartiles(instrument)[2] * 1.25, 2)
+        measured = {}
+        for setting in ("sparse", "medium", "dense", numeric):
+            scores = generate(
+                request, bars=n_bars, seed=seed, checkpoint=checkpoint, num_samples=samples,
+                density={instrument: setting},
+            )  # fmt: skip
+            per_bar = [track_densities(s).get(instrument, (0, 0.0))[0] / n_bars for s in scores]
+            measured[str(setting)] = _median(per_bar)
+        results[name] = {
+            "requested_numeric": numeric,
+            "medians": measured,
+            "ordered": measured["sparse"] < measured["medium"] < measured["dense"],
+            "numeric_error": measured[str(numeric)] / numeric - 1,
+        }
+    return results
+
+
+def continuation(checkpoint, excerpts, prompt_bars: int, new_bars: int, seed: int) -> dict:
+    """Per prompt track: notes per bar after / before (tracks silent in the prompt left out)."""
+    from .generation import generate
+
+    ratios, silent = [], 0
+    for index, (_, real) in enumerate(excerpts):
+        prompt = excerpt(real, 0, prompt_bars)
+        if prompt is None:
+            continue
+        before = {i: n / prompt_bars for i, (n, _) in track_densities(prompt).items()}
+        score = generate(
+            prompt=prompt, prompt_bars=prompt_bars, bars=new_bars, seed=seed + index,
+            checkpoint=checkpoint,
+        )  # fmt: skip
+        after_part = excerpt(score, prompt_bars, new_bars) or Score(score.ticks_per_quarter)
+        after = {i: n / new_bars for i, (n, _) in track_densities(after_part).items()}
+        for instrument, rate in before.items():
+            if rate == 0:
+                continue
+            ratio = after.get(instrument, 0.0) / rate
+            ratios.append(ratio)
+            silent += ratio == 0
+    return {
+        "prompt_tracks": len(ratios),
+        "median_ratio": _median(ratios),
+        "silent_fraction": silent / max(len(ratios), 1),
+    }
+
+
+def arrangement(checkpoint, excerpts, seed: int, added=(33, DRUMS)) -> dict[str, Any]:
+    """Remove bass and drums from each excerpt, add them back; measured vs target density."""
+    from .generation import generate, make_plan
+
+    errors: dict[int, list[float]] = {i: [] for i in added}
+    for index, (_, real) in enumerate(excerpts):
+        kept = real.copy()
+        # Drums and every bass of the piece go (a second bass would double the added one).
+        kept.tracks = [
+            t for t in kept.tracks if not t.is_drum and report_family(t.program) != "bass"
+        ]
+        if not kept.tracks:
+            continue
+        plan = make_plan(checkpoint.tokenizer, checkpoint.densities, arrange=kept, add=list(added))
+        score = generate(arrange=kept, add=list(added), seed=seed + index, checkpoint=checkpoint)
+        played = track_densities(score)
+        for instrument in added:
+            rate = played.get(instrument, (0, 0.0))[0] / plan.target_bars
+            errors[instrument].append(rate / plan.densities[instrument] - 1)
+    return {
+        ("drums" if i == DRUMS else "bass"): {"pieces": len(e), "median_error": _median(e)}
+        for i, e in errors.items()
+    }
+
+
+# ------------------------------------------------------------------------------- report
+def _number(value, spec=".2f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def format_report(report: dict[str, Any]) -> str:
+    requests = report["requests"]
+    generated, real = requests["generated"], requests["real"]
+    lines = [
+        f"{report['excerpts']} requests (16-bar excerpts of held-out band pieces), "
+        f"{real['parts']} parts",
+        f"{'':24}{'generated':>11}{'real':>9}{'gap':>9}",
+        f"{'thin parts (<0.5/bar)':24}{generated['thin_fraction']:>11.1%}"
+        f"{real['thin_fraction']:>9.1%}"
+        f"{100 * (generated['thin_fraction'] - real['thin_fraction']):>+8.1f}p",
+    ]
+    for family, value in real["median_per_family"].items():
+        mine = generated["median_per_family"].get(family)
+        gap = None if not value or mine is None else 100 * (mine / value - 1)
+        parts_count = real["parts_per_family"][family]
+        lines.append(
+            f"{family + f' ({parts_count}) /bar':24}{_number(mine):>11}{_number(value):>9}"
+            f"{_number(gap, '+.0f'):>8}%"
+        )
+    for name in MUSIC_METRICS:
+        mine, value = generated[name], real[name]
+        gap = None if mine is None or not value else 100 * (mine / value - 1)
+        lines.append(
+            f"{name:24}{_number(mine, '.3f'):>11}{_number(value, '.3f'):>9}{_number(gap, '+.1f'):>8}%"
+        )
+    lines.append(f"precision {requests['precision']:.3f}  recall {requests['recall']:.3f}")
+    lines.append("density control (median notes/bar over the samples):")
+    for name, result in report["control"].items():
+        medians = result["medians"]
+        values = "  ".join(f"{k}={_number(v)}" for k, v in medians.items())
+        lines.append(
+            f"  {name:8} {values}  ordered={result['ordered']}  numeric error "
+            f"{result['numeric_error']:+.0%}"
+        )
+    c = report["continuation"]
+    lines.append(
+        f"continuation: {c['prompt_tracks']} prompt tracks, median after/before "
+        f"{_number(c['median_ratio'])}, silent {c['silent_fraction']:.1%}"
+    )
+    for name, a in report["arrangement"].items():
+        lines.append(
+            f"arrangement: added {name} in {a['pieces']} pieces, median error vs target "
+            f"{_number(None if a['median_error'] is None else 100 * a['median_error'], '+.0f')}%"
+        )
+    return "\n".join(lines)
