@@ -185,11 +185,24 @@ def resolve(
     for instrument in instruments:
         value = requested.get(instrument)
         if isinstance(value, str):
-            value = stats.quartiles(instrument)[LEVELS.index(value)]
+            value = level_value(stats.quartiles(instrument), value)
         elif value is None:
             value = (measured or {}).get(instrument, stats.default(instrument))
         targets[instrument] = float(value)
     return targets
+
+
+def level_value(quartiles: tuple[float, float, float], level: str) -> float:
+    """Notes per bar of a level: its quartile, moved into the next bin when it shares the
+    median's (drums' median and upper quartile, 14.6 and 19.9, are both in [14, 20)), so that
+    ``sparse`` < ``medium`` < ``dense`` always ask for three different header bins."""
+    value = quartiles[LEVELS.index(level)]
+    middle = density_bin(quartiles[1])
+    if level == "dense" and density_bin(value) <= middle < len(DENSITY_EDGES):
+        return DENSITY_EDGES[middle]  # the lower edge of the next bin
+    if level == "sparse" and density_bin(value) >= middle > 0:
+        return DENSITY_EDGES[middle - 2] if middle >= 2 else 0.0  # inside the bin below
+    return value
 
 
 def bins(targets: Mapping[int, float]) -> dict[int, int]:

@@ -268,6 +268,15 @@ class RowState:
         """``[B, 130]``: instruments that started MAX_NOTES_PER_ONSET notes at this position."""
         return self.onsets.sum(-1) >= MAX_NOTES_PER_ONSET
 
+    def onset_order(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Where the canonical order stands at this position (tokenizer.canonical_score: header
+        order, then pitch ascending): the last instrument that started a note here ``[B]`` and
+        each instrument's highest pitch here ``[B, 130]``, -1 where none."""
+        columns = torch.arange(N_TRACK_COLUMNS, device=self.onsets.device)
+        last = torch.where(self.onsets.any(-1), columns, -1).max(-1).values
+        pitches = torch.arange(128, device=self.onsets.device)
+        return last, torch.where(self.onsets, pitches, -1).max(-1).values
+
 
 @dataclass
 class ExistingStream:
@@ -291,6 +300,9 @@ class Constraints:
     tempo: int | None = None  # fixed tempo: token id (REMI) / tempo field value (CPWord)
     time_signature: int | None = None  # fixed meter: token id / meter field value
     existing: ExistingStream | None = None
+    # grammar_violations: any instrument's first note may break the onset order (the decoder
+    # allows it to a missing instrument it forces in, under a budget the checker cannot know).
+    entries_unordered: bool = False
     tables: dict[str, torch.Tensor] = field(default_factory=dict)  # built by the grammar, cached
 
 
@@ -424,6 +436,7 @@ class RemiGrammar:
                 for k, v in zip(self.kinds, values, strict=True)
             ]
         )
+        self.top_pitch = int(self.pitch_of[self.is_pitch].max())  # drums and pitched alike
         self.next_state = table(
             [
                 (self.DRUM_PROGRAM if value == "-1" else self.PROGRAM)
@@ -528,10 +541,22 @@ class RemiGrammar:
         )
         # In the closing stretch only missing instruments start notes; no instrument starts more
         # than MAX_NOTES_PER_ONSET notes at one position.
-        blocked = s.chord_full() | (col(b.closing & ~b.complete) & ~b.missing)
+        forcing = col(b.closing & ~b.complete)
+        blocked = s.chord_full() | (forcing & ~b.missing)
         allowed &= ~(self.is_program & blocked[:, self.instrument_of])
-        # An instrument starts each pitch at most once per position (MIDI cannot hold the copy).
-        allowed &= ~(self.is_pitch & s.onsets_of(s.instrument)[:, self.pitch_of])
+        # The training order at one position: instruments in header order, each one's pitches
+        # ascending (so never a pitch twice: MIDI cannot hold the copy). A missing instrument
+        # forced in at the end may break it.
+        last, highest = s.onset_order()
+        excused = (forcing & b.missing[:, self.instrument_of]) | (
+            c.entries_unordered & ~s.played[:, self.instrument_of]
+        )
+        in_order = (self.instrument_of >= col(last)) | excused
+        # and an instrument starts a note only while a pitch above its last one remains.
+        in_order &= highest[:, self.instrument_of] < self.top_pitch
+        allowed &= ~self.is_program | in_order
+        rows = torch.arange(len(last), device=last.device)
+        allowed &= ~self.is_pitch | (self.pitch_of > col(highest[rows, s.instrument]))
         if c.existing is not None:
             allowed = self._arrange(allowed, s, c.existing)
         return allowed
@@ -545,6 +570,12 @@ class RemiGrammar:
         # A new Position only in the gap before the next existing one (or the bar line).
         allowed &= ~self.is_position | (self.position_value < col(e.insert_below[s.cursor]))
         allowed &= ~self.is_eos | col(at_end)
+        # An inserted note goes before the next existing note of the position only if its
+        # instrument comes first in the header order.
+        next_note = col(self.is_program[nxt] & ~at_end)
+        allowed &= (
+            ~self.is_program | ~next_note | (self.instrument_of < col(self.instrument_of[nxt]))
+        )
         # The next existing token, unless the row is inside a note or a fresh Position of its own.
         free = (state == self.START) | (state == self.TIMESIG) | (state == self.TEMPO)
         offer = ~at_end & (s.after_existing | free | (state == self.DURATION))
@@ -565,8 +596,12 @@ class RemiGrammar:
         if self.allowed(s, c)[0, int(token)]:
             return None
         name = self.tokenizer.token_name(int(token))
-        if self.is_pitch[token] and s.onsets_of(s.instrument)[0, self.pitch_of[token]]:
-            return f"{name} repeats a pitch its instrument already started at this position"
+        if self.is_pitch[token] and s.onset_order()[1][0, s.instrument[0]] >= self.pitch_of[token]:
+            return (
+                f"{name} is not above the pitches its instrument already started at this position"
+            )
+        if self.is_program[token] and s.onset_order()[0][0] > self.instrument_of[token]:
+            return f"{name} comes after a later instrument of the header at this position"
         return f"{name} not allowed after {self.STATE_NAMES[int(s.grammar[0])]}"
 
     def advance(self, s: RowState, tokens: torch.Tensor, c: Constraints) -> torch.Tensor:
@@ -645,6 +680,7 @@ class CPWordGrammar:
         self.pitch_of = table(
             [int(n.split("_")[1]) if n.startswith("Pitch") else 0 for n in names[FIELD["pitch"]]]
         )
+        self.top_pitch = int(self.pitch_of[self.is_pitch | self.is_drum_pitch].max())
         self.is_velocity = starts("velocity", "Velocity_")
         self.is_duration = starts("duration", "Duration_")
         self.is_tempo, self.is_meter = starts("tempo", "Tempo_"), starts("meter", "TimeSig_")
@@ -710,6 +746,13 @@ class CPWordGrammar:
         fresh_position = (state == self.POSITION) & ~s.after_existing
         program_ok &= col(note_state & (~b.must_finish | fresh_position))
         program_ok &= ~s.chord_full()[:, self.instrument_of]
+        # Header order at one position (see RemiGrammar.allowed); forced-in instruments excepted.
+        last, highest = s.onset_order()
+        excused = (col(b.closing & ~b.complete) & b.missing[:, self.instrument_of]) | (
+            c.entries_unordered & ~s.played[:, self.instrument_of]
+        )
+        program_ok &= (self.instrument_of >= col(last)) | excused
+        program_ok &= highest[:, self.instrument_of] < self.top_pitch
         eos_ok = ((state == self.BAR) | (state == self.NOTE)) & b.closing & b.complete
 
         e = c.existing
@@ -721,6 +764,10 @@ class CPWordGrammar:
             eos_ok = eos_ok & at_end
             free = (state == self.START) | (state == self.BAR) | (state == self.NOTE)
             offer = ~at_end & (s.after_existing | free)
+            next_note = col(~at_end & (nxt[:, 0] == self.note_id))
+            program_ok &= ~next_note | (
+                self.instrument_of < col(self.instrument_of[nxt[:, 5].clamp(0, self.sizes[5] - 1)])
+            )
             position_ok = position_ok | (
                 _one_hot(nxt[:, 1], self.sizes[1]) & col(offer & (nxt[:, 0] == self.metric_id))
             )
@@ -759,11 +806,13 @@ class CPWordGrammar:
         }
 
     def pitch_mask(self, s: RowState, program: torch.Tensor) -> torch.Tensor:
-        """PitchDrum values for a drum note, Pitch values for any other; each pitch at most once
-        per instrument and position (MIDI cannot hold the copy)."""
+        """PitchDrum values for a drum note, Pitch values for any other; above the pitches the
+        instrument already started at this position (the training order; never a pitch twice)."""
         instrument = self.instrument_of[program]
         kind = torch.where((instrument == DRUMS)[:, None], self.is_drum_pitch, self.is_pitch)
-        return kind & ~s.onsets_of(instrument)[:, self.pitch_of]
+        _, highest = s.onset_order()
+        rows = torch.arange(len(instrument), device=instrument.device)
+        return kind & (self.pitch_of > highest[rows, instrument][:, None])
 
     def choose(self, out: ModelOutput, model, s: RowState, c: Constraints, sampling: Sampling, gen):
         """Sample the family, then the fields given it (the model conditions fields on the
@@ -845,8 +894,8 @@ class CPWordGrammar:
             )
         bad = [name for name, ok in checks.items() if not bool(ok)]
         instrument = self.instrument_of[token[None, 5]]
-        if bad == ["pitch"] and s.onsets_of(instrument)[0, self.pitch_of[token[2]]]:
-            return "pitch repeats a pitch its instrument already started at this position"
+        if bad == ["pitch"] and s.onset_order()[1][0, instrument[0]] >= self.pitch_of[token[2]]:
+            return "pitch is not above the pitches its instrument already started at this position"
         return f"{', '.join(bad)} not allowed here" if bad else None
 
     def advance(self, s: RowState, tokens: torch.Tensor, c: Constraints) -> torch.Tensor:
@@ -915,6 +964,7 @@ def grammar_violations(tokenizer: PolyTokenizer, ids) -> list[str]:
         required=torch.zeros(N_TRACK_COLUMNS, dtype=torch.bool),
         target_bars=int(grammar.bar_of(body.numpy()).sum()),
         max_new_tokens=len(body) + 10**6,
+        entries_unordered=True,
     )
     state = RowState.start(1, grammar.START, torch.device("cpu"))
     problems = []

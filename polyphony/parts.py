@@ -81,16 +81,17 @@ def excerpt(score: Score, first_bar: int, n_bars: int) -> Score | None:
 
 
 def band_excerpts(
-    dataset_dir, corpus_dir, n_bars: int, per_piece: int, stride: int
+    dataset_dir, midi_root, n_bars: int, per_piece: int, stride: int, source: str | None = "band"
 ) -> list[tuple[str, Score]]:
-    """Up to ``per_piece`` excerpts of every held-out band piece (validation and test splits),
-    starting every ``stride`` bars."""
+    """Up to ``per_piece`` excerpts of every held-out piece of ``source`` (validation and test
+    splits; ``source=None``: every piece), starting every ``stride`` bars. ``midi_root`` is the
+    folder the dataset was prepared from."""
     found = []
     for split in ("validation", "test"):
         for piece in split_pieces(dataset_dir, split):
-            if piece.get("source") != "band":
+            if source is not None and piece.get("source") != source:
                 continue
-            score = Score(str(Path(corpus_dir) / piece["path"]))
+            score = Score(str(Path(midi_root) / piece["path"]))
             for k in range(per_piece):
                 cut = excerpt(score, k * stride, n_bars)
                 if cut is not None:

@@ -72,13 +72,15 @@ def main() -> None:
 
 def run_parts(args: argparse.Namespace) -> None:
     checkpoint = load_checkpoint(args.checkpoint)
-    excerpts = parts.band_excerpts(args.dataset, args.corpus, 16, args.per_piece, stride=16)
+    # 16-bar excerpts every 8 bars (they overlap by half): 52 requests from the 14 held-out band
+    # pieces long enough; continuation and arrangement take the first 32 and 24 of them.
+    excerpts = parts.band_excerpts(args.dataset, args.corpus, 16, args.per_piece, stride=8)
     report = {
         "excerpts": len(excerpts),
         "requests": parts.requests_from_excerpts(checkpoint, excerpts, 16, args.seed),
         "control": parts.control(checkpoint, 8, args.samples, args.seed),
-        "continuation": parts.continuation(checkpoint, excerpts, 4, 8, args.seed),
-        "arrangement": parts.arrangement(checkpoint, excerpts, args.seed),
+        "continuation": parts.continuation(checkpoint, excerpts[:32], 4, 8, args.seed),
+        "arrangement": parts.arrangement(checkpoint, excerpts[:24], args.seed),
     }
     print(parts.format_report(report))
     args.out.mkdir(parents=True, exist_ok=True)

@@ -64,14 +64,16 @@ def main() -> None:
     for name, (data, overrides) in VARIANTS.items():
         dataset, run_dir = datasets[data], args.out / name
         command = [sys.executable, "train.py", "--config", CONFIG, f"--data.dataset_dir={dataset}",
-                   "--data.source_weights={band: 1.0}", f"--train.out_dir={run_dir}", *overrides]  # fmt: skip
+                   "--data.source_weights={}", f"--train.out_dir={run_dir}", *overrides]  # fmt: skip
         print("$", " ".join(command), flush=True)
         subprocess.run(command, check=True)
         release = run_dir / "release"
         flat = "--data.track_densities=false" in overrides
         nll = validation_nll(release, dataset, track_densities=not flat)
         checkpoint = load_checkpoint(release, "cpu")
-        excerpts = parts.band_excerpts(dataset, args.corpus, 16, args.per_piece, stride=16)
+        excerpts = parts.band_excerpts(
+            dataset, args.corpus / "band", 16, args.per_piece, stride=16, source=None
+        )
         figures = parts.requests_from_excerpts(checkpoint, excerpts, 16, args.seed, flat=flat)
         results[name] = {
             "overrides": overrides,

@@ -1,0 +1,73 @@
+"""Density statistics and requests: quartiles, fallbacks, levels, parsing, the file."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from polyphony.densities import (
+    DENSITY_FILE,
+    DensityError,
+    DensityStats,
+    level_value,
+    parse_density,
+    resolve,
+)
+from polyphony.instruments import DRUMS
+from polyphony.tokenizer import DENSITY_EDGES, density_bin
+
+STATS = DensityStats.measure({0: [2.0, 4.0, 6.0, 8.0, 10.0], 33: [3.0, 5.0, 7.0], DRUMS: [12, 15]})
+
+
+def test_quartiles_fall_back_to_the_family_then_to_all_parts():
+    assert STATS.quartiles(0) == tuple(np.percentile([2, 4, 6, 8, 10], [25, 50, 75]))
+    # 1 (Bright Acoustic Piano) was never seen: the piano family's figures (program 0's here)
+    assert STATS.quartiles(1) == STATS.quartiles(0)
+    # 40 (Violin): no strings at all, so every part's
+    everything = [2, 4, 6, 8, 10, 3, 5, 7, 12, 15]
+    assert STATS.quartiles(40) == pytest.approx(np.percentile(everything, [25, 50, 75]))
+    assert STATS.default(33) == 5.0
+
+
+def test_the_file_round_trips(tmp_path):
+    (tmp_path / DENSITY_FILE).write_text(STATS.to_json())
+    assert DensityStats.load(tmp_path) == STATS
+    assert json.loads((tmp_path / DENSITY_FILE).read_text())["density_edges"] == list(DENSITY_EDGES)
+    with pytest.raises(DensityError, match="not found.*--export"):
+        DensityStats.load(tmp_path / "elsewhere")
+    (tmp_path / DENSITY_FILE).write_text("{")
+    with pytest.raises(DensityError, match="unreadable"):
+        DensityStats.load(tmp_path)
+
+
+def test_requests_are_parsed_by_instrument_name_number_or_alias():
+    assert parse_density("bass=4, drums=dense; 0=sparse") == {33: 4.0, DRUMS: "dense", 0: "sparse"}
+    assert parse_density({"piano": 2}) == {0: 2.0}
+    assert parse_density(None) == {}
+    for bad, match in (("bass", "INSTRUMENT=VALUE"), ("bass=-2", ">= 0"), ("bass=nan", ">= 0"),
+                       ("bass=loud", "sparse, medium, dense"), ("bsas=2", "bsas")):  # fmt: skip
+        with pytest.raises(DensityError, match=match):
+            parse_density(bad)
+
+
+def test_request_beats_measurement_beats_default():
+    targets = resolve(STATS, [0, 33, DRUMS], {33: 9.0}, measured={0: 1.25, 33: 2.0})
+    assert targets == {0: 1.25, 33: 9.0, DRUMS: STATS.default(DRUMS)}
+    with pytest.raises(DensityError, match="will not have"):
+        resolve(STATS, [0], {33: 2.0})
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.floats(0.0, 60.0), min_size=3, max_size=3).map(sorted))
+def test_levels_always_ask_for_ordered_bins(quartiles):
+    """sparse <= medium <= dense in bins; strictly apart wherever the bins leave room."""
+    sparse, medium, dense = (density_bin(level_value(tuple(quartiles), level))
+                             for level in ("sparse", "medium", "dense"))  # fmt: skip
+    assert sparse <= medium <= dense
+    assert medium == density_bin(quartiles[1])
+    assert dense > medium or medium == len(DENSITY_EDGES)
+    assert sparse < medium or medium == 0
