@@ -144,10 +144,11 @@ def part_figures(pairs: list[tuple[Score, Score]], n_bars: int) -> dict[str, Any
 
 
 def requests_from_excerpts(
-    checkpoint, excerpts, n_bars: int, seed: int, flat: bool = False
+    checkpoint, excerpts, n_bars: int, seed: int, flat: bool = False, **sampling
 ) -> dict[str, Any]:
     """Each excerpt's own instrument set at the checkpoint's default densities (``flat``:
-    density bin 0 for every part, for models trained without densities)."""
+    density bin 0 for every part, for models trained without densities); ``sampling``:
+    generate()'s temperature / top_k / top_p."""
     from .generation import generate
 
     pairs = []
@@ -158,7 +159,12 @@ def requests_from_excerpts(
         real.tracks = [t for t in real.tracks if (DRUMS if t.is_drum else t.program) in request]
         density = {i: 0.0 for i in request} if flat else None
         score = generate(
-            request, bars=n_bars, seed=seed + index, checkpoint=checkpoint, density=density
+            request,
+            bars=n_bars,
+            seed=seed + index,
+            checkpoint=checkpoint,
+            density=density,
+            **sampling,
         )
         pairs.append((score, real))
     return part_figures(pairs, n_bars)
