@@ -1,0 +1,82 @@
+"""The full-parts evaluation's measurements (polyphony/parts.py) on scores built by hand."""
+
+from __future__ import annotations
+
+import pytest
+from symusic import Note, Score, Tempo, TimeSignature, Track
+
+from polyphony.instruments import DRUMS
+from polyphony.metrics import write_request
+from polyphony.parts import excerpt, part_figures, report_family
+
+TPQ = 480
+BAR = 4 * TPQ
+
+
+def piece(parts: dict[int, list[int]], bars: int = 8) -> Score:
+    """4/4 at 100 bpm; ``parts``: instrument -> notes per bar (quarter notes from the downbeat)."""
+    score = Score(TPQ)
+    score.tempos.append(Tempo(0, 100.0))
+    score.time_signatures.append(TimeSignature(0, 4, 4))
+    for instrument, per_bar in parts.items():
+        track = Track(program=0 if instrument == DRUMS else instrument, is_drum=instrument == DRUMS)
+        for bar in range(bars):
+            for k in range(per_bar[bar % len(per_bar)]):
+                pitch = 36 + k if instrument == DRUMS else 48 + 2 * k
+                track.notes.append(Note(bar * BAR + k * TPQ // 2, TPQ // 2, pitch, 90))
+        score.tracks.append(track)
+    return score
+
+
+def test_an_excerpt_is_the_bars_asked_for_moved_to_zero():
+    score = piece({0: [1, 2, 3, 4], 33: [2]}, bars=12)
+    cut = excerpt(score, 4, 4)
+    assert cut.tempos[0].time == 0 and cut.tempos[0].qpm == pytest.approx(100.0)
+    assert (cut.time_signatures[0].numerator, cut.time_signatures[0].denominator) == (4, 4)
+    counts = {t.program: t.note_num() for t in cut.tracks}
+    assert counts == {0: 1 + 2 + 3 + 4, 33: 8}  # bars 4..7 of the 1-2-3-4 cycle
+    assert min(n.time for t in cut.tracks for n in t.notes) == 0
+    assert max(n.time for t in cut.tracks for n in t.notes) < 4 * BAR
+    assert excerpt(score, 10, 4) is None  # past the end
+    assert excerpt(score, 8, 4) is not None  # the last four bars exactly
+
+
+def test_part_figures_count_thin_parts_and_family_medians():
+    real = piece({0: [4], 33: [2], DRUMS: [8]})
+    generated = piece({0: [6], 33: [0, 0, 0, 1], DRUMS: [8]})  # bass: 2 notes in 8 bars
+    write_request(generated, [0, 33, DRUMS])
+    figures = part_figures([(generated, real)], n_bars=8)
+    assert figures["real"]["thin_fraction"] == 0.0
+    assert figures["generated"]["thin_fraction"] == pytest.approx(1 / 3)  # the bass, 0.25/bar
+    assert figures["generated"]["median_per_family"] == {
+        "bass": 0.25,
+        "drums": 8.0,
+        "piano/keys": 6.0,
+    }
+    assert figures["real"]["median_per_family"] == {"bass": 2.0, "drums": 8.0, "piano/keys": 4.0}
+    assert figures["precision"] == figures["recall"] == 1.0
+
+
+def test_a_requested_part_that_stays_silent_counts_as_zero():
+    real = piece({0: [4], 40: [3]})
+    generated = piece({0: [4]})
+    write_request(generated, [0, 40])
+    figures = part_figures([(generated, real)], n_bars=8)
+    assert figures["generated"]["median_per_family"]["strings"] == 0.0
+    assert figures["generated"]["thin_fraction"] == 0.5
+    assert figures["recall"] == 0.5
+
+
+def test_report_families_cover_every_instrument():
+    families = {report_family(i) for i in range(129)}
+    assert families == {
+        "drums",
+        "bass",
+        "piano/keys",
+        "guitar",
+        "strings",
+        "brass/reed",
+        "synth",
+        "other",
+    }
+    assert report_family(33) == "bass" and report_family(DRUMS) == "drums"
