@@ -39,6 +39,7 @@ from pathlib import Path
 import torch
 
 from polyphony.config import load_config
+from polyphony.densities import DensityStats
 from polyphony.generation import (
     Checkpoint,
     Sampling,
@@ -47,11 +48,14 @@ from polyphony.generation import (
     sample_tokens,
     to_score,
 )
+from polyphony.instruments import DRUMS
 from polyphony.model import PolyphonyGPT
 from polyphony.tokenizer import CPWORD_FIELDS, DecodeError, PolyTokenizer, note_count
 
 REPO = Path(__file__).resolve().parents[1]
 INSTRUMENTS = "piano, bass, drums"
+# Random-weight models have no training data: these notes per bar only fill the header.
+DENSITIES = DensityStats.measure({0: [8.0], 33: [5.0], DRUMS: [14.0]})
 
 
 def build_ours(config_path: str, kind: str) -> Checkpoint:
@@ -66,7 +70,7 @@ def build_ours(config_path: str, kind: str) -> Checkpoint:
     if kind == "cpword":
         config.heads = {name: 1.0 for name in CPWORD_FIELDS}
     torch.manual_seed(0)
-    return Checkpoint(model=PolyphonyGPT(config).eval(), tokenizer=tokenizer)
+    return Checkpoint(model=PolyphonyGPT(config).eval(), tokenizer=tokenizer, densities=DENSITIES)
 
 
 def build_hf(config_path: str, tokenizer: PolyTokenizer):
@@ -88,7 +92,7 @@ def run_ours(
 ) -> tuple[float, int, int]:
     """(seconds, new tokens, notes) of one batched generation."""
     plan = make_plan(
-        checkpoint.tokenizer, instruments=INSTRUMENTS, bars=10**6, max_tokens=new_tokens
+        checkpoint.tokenizer, DENSITIES, instruments=INSTRUMENTS, bars=10**6, max_tokens=new_tokens
     )
     start = time.perf_counter()
     rows = sample_tokens(checkpoint, plan, Sampling(), num_samples=batch, seed=seed)
@@ -99,7 +103,8 @@ def run_ours(
 
 
 def run_hf(model, tokenizer: PolyTokenizer, batch: int, new_tokens: int, seed: int):
-    header = torch.as_tensor(tokenizer.header([0, 33, 128]))[None].expand(batch, -1)
+    prompt = make_plan(tokenizer, DENSITIES, instruments=INSTRUMENTS).header  # the same header
+    header = torch.as_tensor(prompt)[None].expand(batch, -1)
     torch.manual_seed(seed)
     start = time.perf_counter()
     with torch.inference_mode():
