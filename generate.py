@@ -18,6 +18,7 @@ from pathlib import Path
 
 from polyphony.generation import (
     DEFAULT_CHECKPOINT,
+    DEFAULT_STEER,
     GenerationError,
     generate,
     output_paths,
@@ -65,6 +66,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--field-temperature",
         metavar="F=T,...",
         help="CPWord: per field, e.g. pitch=0.9,duration=0.8",
+    )
+    how.add_argument(
+        "--steer",
+        type=float,
+        default=DEFAULT_STEER,
+        help="nudge each part toward its density: at most this many nats on its instrument's "
+        f"choice, by how far it lags or leads (default {DEFAULT_STEER:g}; 0 = the model alone)",
     )
     how.add_argument("--seed", type=int, help="same seed, same output (default: random, printed)")
     how.add_argument("--num-samples", type=int, default=1, help="generated as one batch")
@@ -135,6 +143,7 @@ def run(args: argparse.Namespace) -> int:
             top_k=args.top_k,
             top_p=args.top_p,
             field_temperature=parse_field_temperature(args.field_temperature),
+            steer=args.steer,
             num_samples=args.num_samples,
             max_tokens=args.max_tokens,
             seed=args.seed,

@@ -55,6 +55,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parent.parent / "checkpoints" / "polyphony-mini"
 DEFAULT_BARS = 16
+# Density steering (Sampling.steer), chosen on held-out band excerpts (docs/generation.md).
+DEFAULT_STEER = 3.0
 # A MIDI file has 16 channels and channel 10 is the drum kit.
 MAX_PITCHED_INSTRUMENTS = 15
 # Default token budget (--max-tokens): generous for dense parts, so it only stops a model that
@@ -96,6 +98,7 @@ class Sampling:
     top_k: int = 0
     top_p: float = 1.0
     field_temperature: dict[str, float] = field(default_factory=dict)
+    steer: float = DEFAULT_STEER  # at most this many nats on an instrument's Program logit
 
     def check(self, tokenization: str) -> Sampling:
         if self.temperature < 0:
@@ -104,6 +107,8 @@ class Sampling:
             raise GenerationError(f"top_k={self.top_k}: must be >= 0 (0 = off)")
         if not 0 < self.top_p <= 1:
             raise GenerationError(f"top_p={self.top_p}: must be in (0, 1] (1 = off)")
+        if not 0 <= self.steer <= 20:
+            raise GenerationError(f"steer={self.steer}: must be in 0..20 (nats; 0 = off)")
         if self.field_temperature and tokenization != "cpword":
             raise GenerationError(
                 "field temperatures apply to CPWord models (one distribution per field); this "
@@ -226,6 +231,8 @@ class RowState:
     instrument: torch.Tensor  # REMI: instrument of the note being written
     tempo: torch.Tensor  # last tempo token (REMI) / tempo field value (CPWord); -1 before any
     played: torch.Tensor  # [B, 130] bool: instruments that have started a note
+    notes: torch.Tensor  # [B, 130] notes each instrument started since the new tokens began
+    first_bar: torch.Tensor  # bars before the new tokens (the prompt's)
     onsets: torch.Tensor  # [B, 130, 128] bool: pitches each instrument started at this position
     new_tokens: torch.Tensor  # tokens the model chose (forced and prompt tokens excluded)
     cursor: torch.Tensor  # arrangement: index of the next existing token
@@ -244,6 +251,8 @@ class RowState:
             instrument=full(GLOBAL_TRACK),
             tempo=full(-1),
             played=torch.zeros(batch, N_TRACK_COLUMNS, dtype=torch.bool, device=device),
+            notes=torch.zeros(batch, N_TRACK_COLUMNS, dtype=torch.long, device=device),
+            first_bar=full(0),
             onsets=torch.zeros(batch, N_TRACK_COLUMNS, 128, dtype=torch.bool, device=device),
             new_tokens=full(0),
             cursor=full(0),
@@ -253,6 +262,16 @@ class RowState:
     def mark_played(self, instruments: torch.Tensor, started: torch.Tensor) -> None:
         rows = torch.arange(len(instruments), device=instruments.device)
         self.played[rows, instruments] |= started
+        self.notes[rows, instruments] += started
+
+    def steering(self, targets: torch.Tensor, strength: float) -> torch.Tensor:
+        """``[B, 130]`` logit bonus per instrument: ``strength`` x tanh of how far its notes lag
+        behind (or run ahead of, negative) its target notes per bar over the bars written."""
+        bars = (self.bars - self.first_bar - 1).clamp(min=0) + (self.position + 1).clamp(
+            min=0
+        ) / self.positions_per_bar.clamp(min=1)
+        expected = targets[None, :] * bars[:, None]
+        return strength * torch.tanh((expected - self.notes) / (2.0 + targets[None, :]))
 
     def mark_onset(self, moved: torch.Tensor, instruments, pitches, started) -> None:
         """A new Position or Bar (``moved``) clears a row's onsets; a note adds its pitch."""
@@ -300,6 +319,7 @@ class Constraints:
     tempo: int | None = None  # fixed tempo: token id (REMI) / tempo field value (CPWord)
     time_signature: int | None = None  # fixed meter: token id / meter field value
     existing: ExistingStream | None = None
+    targets: torch.Tensor | None = None  # [130] notes per bar asked of each instrument
     # grammar_violations: any instrument's first note may break the onset order (the decoder
     # allows it to a missing instrument it forces in, under a budget the checker cannot know).
     entries_unordered: bool = False
@@ -589,6 +609,9 @@ class RemiGrammar:
         logits = out.logits["next_token"]
         in_last_bar = (s.bars >= c.target_bars) & allowed[:, self.eos_id]
         logits = bar_line_ends_piece(logits, in_last_bar, self.bar_id, self.eos_id)
+        if sampling.steer and c.targets is not None:
+            bonus = s.steering(c.targets, sampling.steer)[:, self.instrument_of]
+            logits = logits + torch.where(self.is_program, bonus, 0.0)
         return sample(logits, allowed, sampling.temperature, sampling.top_k, sampling.top_p, gen)
 
     def violation(self, s: RowState, token: torch.Tensor, c: Constraints) -> str | None:
@@ -824,6 +847,9 @@ class CPWordGrammar:
             sampling.top_p, gen,
         )  # fmt: skip
         fields = model.field_logits(out.hidden, family)
+        if sampling.steer and c.targets is not None:
+            bonus = s.steering(c.targets, sampling.steer)[:, self.instrument_of]
+            fields["program"] = fields["program"] + bonus  # 0 for non-program values
         masks = {"position": position_mask, "program": program_mask, **self.value_masks(s, c)}
         values = sample_fields({name: fields[name] for name in masks}, masks, sampling, gen)
         values.update(
@@ -1080,6 +1106,8 @@ def _decode(
     for token in torch.as_tensor(plan.prompt_body, device=device):
         grammar.advance(state, token.expand(batch, *token.shape), replay)
     state.new_tokens.zero_()
+    state.notes.zero_()
+    state.first_bar.copy_(state.bars)
     if constraints.existing is not None:
         state.tempo.fill_(constraints.existing.initial_tempo)
 
@@ -1228,9 +1256,13 @@ class Plan:
             table[list(instruments)] = True
             return table
 
+        targets = torch.zeros(N_TRACK_COLUMNS, device=device)
+        for instrument, value in self.densities.items():
+            targets[instrument] = value
         return Constraints(
             allowed=mask(self.allowed),
             required=mask(self.required),
+            targets=targets,
             target_bars=self.target_bars,
             max_new_tokens=self.max_new_tokens,
             tempo=self.tempo,
@@ -1689,6 +1721,7 @@ def generate(
     top_k: int = 0,
     top_p: float = 1.0,
     field_temperature: dict[str, float] | str | None = None,
+    steer: float = DEFAULT_STEER,
     num_samples: int = 1,
     max_tokens: int | None = None,
     seed: int | None = None,
@@ -1726,7 +1759,7 @@ def generate(
     loaded = (
         checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint, device)
     )
-    sampling = Sampling(temperature, top_k, top_p, dict(field_temperature or {}))
+    sampling = Sampling(temperature, top_k, top_p, dict(field_temperature or {}), steer)
     plan = make_plan(
         loaded.tokenizer, loaded.densities, instruments=instruments, bars=bars, prompt=prompt,
         prompt_bars=prompt_bars, arrange=arrange, add=add, tempo=tempo,

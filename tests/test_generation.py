@@ -33,6 +33,7 @@ from polyphony.densities import DENSITY_FILE, DensityStats
 from polyphony.generation import (
     GenerationError,
     RemiGrammar,
+    RowState,
     Sampling,
     _end_at_bar_line,
     _windows,
@@ -412,6 +413,42 @@ def test_the_header_stays_when_the_window_slides(checkpoints):
     window, _, length = _windows(rows, tracks, len(plan.header), CONTEXT * 3 // 4, grammar)
     assert int(length[0]) < len(ids)
     np.testing.assert_array_equal(window[0, : len(plan.header)].numpy(), plan.header)
+
+
+def test_steering_pushes_a_lagging_part_and_holds_back_a_leading_one():
+    state = RowState.start(1, RemiGrammar.START, torch.device("cpu"))
+    state.bars[:] = 5  # four whole bars written since the start, the fifth begun
+    state.position[:], state.positions_per_bar[:] = -1, 32
+    targets = torch.zeros(130)
+    targets[33], targets[0], targets[DRUMS] = 4.0, 2.0, 8.0
+    state.notes[0, 33], state.notes[0, 0], state.notes[0, DRUMS] = 0, 8, 60
+    bonus = state.steering(targets, 3.0)[0]
+    assert bonus[33] > 2.5  # 16 notes expected, none written
+    assert bonus[0] == 0.0  # on target
+    assert bonus[DRUMS] < -2.5  # 28 notes ahead
+    assert bonus[40] == 0.0  # not requested
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_steering_moves_parts_toward_their_densities(checkpoints, kind):
+    """Asking for a dense bass and a sparse piano, then the reverse, moves the bass's share of
+    the notes further apart with steering than the header alone does."""
+    checkpoint = checkpoints[kind]
+
+    def bass_share(density: str, steer: float) -> float:
+        plan = make_plan(
+            checkpoint.tokenizer, checkpoint.densities, instruments="piano, bass", bars=8,
+            density=density,
+        )  # fmt: skip
+        rows = sample_tokens(checkpoint, plan, Sampling(steer=steer), num_samples=4, seed=7)
+        counts = [notes_of(to_score(checkpoint.tokenizer, ids, plan)) for ids in rows]
+        bass = sum(len(c.get(33, [])) for c in counts)
+        return bass / max(sum(len(n) for c in counts for n in c.values()), 1)
+
+    def spread(steer: float) -> float:
+        return bass_share("piano=0.5, bass=16", steer) - bass_share("piano=16, bass=0.5", steer)
+
+    assert spread(10.0) > spread(0.0) + 0.2
 
 
 # ----------------------------------------------------------------------------- decoding
