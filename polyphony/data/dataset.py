@@ -303,10 +303,8 @@ class WindowDataset(Dataset):
         tokenizer = self.tokenizer
         if tokenizer.kind == "remi":
             pitch_field, velocity_field = 0, 0
-            self.bar_id = tokenizer.miditok.vocab["Bar_None"]
         else:
             pitch_field, velocity_field = _FIELD["pitch"], _FIELD["velocity"]
-            self.bar_id = tokenizer.miditok.vocab[_FIELD["position"]]["Bar_None"]
             self.drum_program_id = tokenizer.program_token(DRUMS)
 
         # Pitch_x only: drums are PitchDrum_x tokens, absent from this table, so never moved.
@@ -422,13 +420,6 @@ class WindowDataset(Dataset):
         ids, track_ids = self._assemble(piece, start, capacity)
         return Window(piece, start, 0, 0, ids, track_ids)
 
-    def _is_bar(self, ids: np.ndarray) -> np.ndarray:
-        if self.tokenizer.kind == "remi":
-            return ids == self.bar_id
-        return (ids[:, 0] == self.tokenizer.family_metric_id) & (
-            ids[:, _FIELD["position"]] == self.bar_id
-        )
-
     def _bar_line_at_or_before(self, piece: int, start: int, capacity: int) -> int:
         """The last bar line at or before ``start``, read backwards one window at a time (a
         bar is rarely longer than a window). The body opens with a bar line, so one exists."""
@@ -437,7 +428,7 @@ class WindowDataset(Dataset):
         high = start + 1
         while high > header_length:
             low = max(header_length, high - capacity)
-            bars = np.flatnonzero(self._is_bar(np.asarray(ids[base + low : base + high])))
+            bars = np.flatnonzero(self.tokenizer.is_bar(np.asarray(ids[base + low : base + high])))
             if len(bars):
                 return low + int(bars[-1])
             high = low
