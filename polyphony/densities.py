@@ -206,6 +206,7 @@ def level_value(quartiles: tuple[float, float, float], level: str) -> float:
 
 
 def bins(targets: Mapping[int, float]) -> dict[int, int]:
+    """Notes per bar -> the header's density bins."""
     return {i: density_bin(v) for i, v in targets.items()}
 
 
@@ -215,6 +216,7 @@ __all__ = [
     "DensityStats",
     "LEVELS",
     "bins",
+    "level_value",
     "parse_density",
     "resolve",
 ]

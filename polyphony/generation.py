@@ -37,7 +37,7 @@ from miditok.utils import compute_ticks_per_bar
 from symusic import Score, TimeSignature
 from tqdm import tqdm
 
-from .densities import DensityError, DensityStats, parse_density, resolve
+from .densities import DensityError, DensityStats, bins, parse_density, resolve
 from .instruments import DRUMS, GLOBAL_TRACK, instrument_name, parse_instruments
 from .instruments import program_to_instrument as _instrument
 from .metrics import bar_lines, write_request
@@ -48,7 +48,6 @@ from .tokenizer import (
     DecodeError,
     PolyTokenizer,
     TokenizationError,
-    density_bin,
 )
 
 log = logging.getLogger(__name__)
@@ -278,10 +277,6 @@ class RowState:
         self.onsets &= ~moved[:, None, None]
         rows = torch.arange(len(instruments), device=instruments.device)
         self.onsets[rows, instruments, pitches.clamp(0, 127)] |= started
-
-    def onsets_of(self, instruments: torch.Tensor) -> torch.Tensor:
-        """``[B, 128]``: the pitches ``instruments`` (one per row) started at this position."""
-        return self.onsets[torch.arange(len(instruments), device=instruments.device), instruments]
 
     def chord_full(self) -> torch.Tensor:
         """``[B, 130]``: instruments that started MAX_NOTES_PER_ONSET notes at this position."""
@@ -1380,7 +1375,7 @@ def _densities(stats, order, density, measured=None) -> dict[int, float]:
 
 
 def _header(tokenizer: PolyTokenizer, densities: dict[int, float]) -> np.ndarray:
-    return tokenizer.header({i: density_bin(v) for i, v in densities.items()})
+    return tokenizer.header(bins(densities))
 
 
 def plan_instruments(
