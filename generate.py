@@ -77,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     how.add_argument("--seed", type=int, help="same seed, same output (default: random, printed)")
     how.add_argument("--num-samples", type=int, default=1, help="generated as one batch")
     how.add_argument("--max-tokens", type=int, help="cap on the tokens the model writes")
+    how.add_argument(
+        "--time-limit", type=float, metavar="S", help="stop with an error after S seconds"
+    )
 
     run = parser.add_argument_group("model and output")
     run.add_argument(
@@ -151,6 +154,7 @@ def run(args: argparse.Namespace) -> int:
             device=args.device,
             compile=args.compile,
             progress=not args.quiet,
+            time_limit=args.time_limit,
         )
         scores = scores if isinstance(scores, list) else [scores]
         for score, path in zip(scores, output_paths(args.output, len(scores)), strict=True):

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from itertools import pairwise
@@ -37,6 +38,8 @@ from miditok.utils import compute_ticks_per_bar
 from symusic import Score, TimeSignature
 from tqdm import tqdm
 
+from .config import DataConfig
+from .data.midi_input import MidiInputError, limit_problem, load_midi
 from .densities import DensityError, DensityStats, bins, parse_density, resolve
 from .instruments import DRUMS, GLOBAL_TRACK, instrument_name, parse_instruments
 from .instruments import program_to_instrument as _instrument
@@ -71,6 +74,10 @@ MAX_NOTES_PER_ONSET = 16
 CONTEXT_KEPT = 0.75
 # symusic wraps larger delta times silently when writing (LIBRARY_NOTES §1).
 MAX_TICK = 2**28 - 1
+# The most tokens of a user's file one request reads (prompt) or forces (arrangement): each
+# costs a grammar step and a model step, ~5 ms here, so about 3 minutes at most.
+MAX_INPUT_TOKENS = 32_768
+MAX_BARS = 512  # the longest piece one request reads, writes or arranges (~17 min at 120 bpm)
 N_TRACK_COLUMNS = GLOBAL_TRACK + 1  # played/allowed tables: instruments 0..128 + unused 129
 
 FIELD = {name: column for column, name in enumerate(CPWORD_FIELDS)}
@@ -1090,16 +1097,29 @@ def _decode(
     generator: torch.Generator,
     use_cache: bool,
     progress: bool,
+    time_limit: float | None = None,
 ) -> list[np.ndarray]:
     """Sample ``batch`` continuations of ``plan``'s prompt; returns each row's ids (prompt, new
-    tokens, EOS)."""
+    tokens, EOS). Past ``time_limit`` seconds it stops with a GenerationError."""
+    deadline = time.monotonic() + time_limit if time_limit is not None else float("inf")
+
+    def check_time() -> None:
+        if time.monotonic() > deadline:
+            raise GenerationError(
+                f"{plan.source or 'generation'}: stopped after the time limit of {time_limit:g} "
+                "s; ask for fewer bars or instruments, a shorter input, or a longer limit "
+                "(--time-limit)"
+            )
+
     device = generator.device
     prompt = np.concatenate([plan.header, plan.prompt_body])
     prompt_tracks = grammar.tokenizer.track_ids(prompt)
     state = RowState.start(batch, grammar.START, device)
     replay = Constraints(constraints.allowed, constraints.required, constraints.target_bars, 0)
-    for token in torch.as_tensor(plan.prompt_body, device=device):
+    for index, token in enumerate(torch.as_tensor(plan.prompt_body, device=device)):
         grammar.advance(state, token.expand(batch, *token.shape), replay)
+        if index % 256 == 0:
+            check_time()
     state.new_tokens.zero_()
     state.notes.zero_()
     state.first_bar.copy_(state.bars)
@@ -1124,6 +1144,7 @@ def _decode(
     bar = tqdm(total=constraints.target_bars, unit="bar", disable=not progress, leave=False)
     bar.update(int(state.bars.min()))
     for _ in range(constraints.max_new_tokens + existing + 1):
+        check_time()
         tokens = grammar.choose(out, model, state, constraints, sampling, generator)
         token_tracks = grammar.advance(state, tokens, constraints)
         new_ids.append(tokens)
@@ -1244,6 +1265,7 @@ class Plan:
     tempo: int | None = None
     time_signature: int | None = None
     existing: np.ndarray | None = None  # arrangement: the piece's body tokens
+    source: str = ""  # the user's file it was read from (prompt or arrangement), for errors
 
     def constraints(self, device) -> Constraints:
         def mask(instruments):
@@ -1334,30 +1356,55 @@ def _check_budget(max_new_tokens: int, grammar, instruments: int) -> None:
 
 
 def read_midi(source: str | Path | Score, what: str) -> tuple[Score, str]:
-    """A Score from a path (strict parsing) or as given; errors name the file and the reason."""
-    if isinstance(source, Score):
-        return source, what
-    path = Path(source)
-    if not path.is_file():
-        raise GenerationError(f"{path}: {what} file not found")
+    """A user's MIDI read and validated as prepare reads it (polyphony.data.midi_input);
+    errors name the file, the problem and the fix."""
+    name = what if isinstance(source, Score) else str(source)
+    if not isinstance(source, Score) and not Path(source).exists():
+        raise GenerationError(f"{name}: {what} file not found")
     try:
-        score = Score(str(path))
-    except (RuntimeError, ValueError, OSError) as err:
-        reason = " ".join(str(err).split())
-        raise GenerationError(f"{path}: cannot read the {what} MIDI file ({reason})") from err
-    return score, str(path)
+        score, repair = load_midi(source, name)
+    except MidiInputError as err:
+        raise GenerationError(str(err)) from err
+    if repair is not None:
+        log.warning("note: %s: %s", name, repair.describe())
+    return score, name
 
 
 def _encode(
     tokenizer: PolyTokenizer, score: Score, name: str
 ) -> tuple[tuple[int, ...], np.ndarray]:
-    if score.note_num() == 0:
-        raise GenerationError(f"{name}: the MIDI file has no notes")
+    # Every note costs at least 3 tokens (program or family, pitch, duration): refuse before
+    # tokenizing what could not be read within the bound anyway.
+    least = 3 * score.note_num() + len(score.tempos) + len(score.time_signatures)
+    if least > MAX_INPUT_TOKENS:
+        raise GenerationError(_too_long(name, least))
     try:
         piece = tokenizer.encode(score, with_eos=False)
     except TokenizationError as err:
         raise GenerationError(f"{name}: {err}") from err
+    if len(piece.ids) > MAX_INPUT_TOKENS:
+        raise GenerationError(_too_long(name, len(piece.ids)))
+    problem = limit_problem(score.note_num(), 0, len(piece.ids), DataConfig())
+    if problem:  # mostly empty bars: what prepare refuses too
+        raise GenerationError(f"{name}: {problem}")
     return tokenizer.split_header(piece.ids)
+
+
+def _too_long(name: str, tokens: int) -> str:
+    return (
+        f"{name}: at least {tokens:,} tokens to read, more than one request may force "
+        f"({MAX_INPUT_TOKENS:,}); give a shorter excerpt (fewer bars, e.g. --prompt-bars)"
+    )
+
+
+def _first_bars(score: Score, n_bars: int) -> Score:
+    """The notes that start in the first ``n_bars`` bars (whole, as the prompt cut keeps
+    them), so a long file is not tokenized for a short prompt."""
+    end = max((t.end() for t in score.tracks if t.notes), default=0)
+    starts, _ = bar_lines(score, score.ticks_per_quarter, end + 1)
+    if n_bars >= len(starts):
+        return score
+    return score.clip(0, int(starts[n_bars]), clip_end=False)
 
 
 def _track_order(score: Score, instruments: Iterable[int]) -> list[int]:
@@ -1421,14 +1468,25 @@ def plan_continuation(
             names = ", ".join(instrument_name(i) for i in dropped)
             log.warning("note: %s of the prompt not in --instruments; left out", names)
         score = kept
-    in_file, body = _encode(tokenizer, score, name)
+    if prompt_bars is not None and prompt_bars < 1:
+        raise GenerationError(f"--prompt-bars {prompt_bars}: must be at least 1")
+    in_file = tuple(_instrument(t.program, t.is_drum) for t in score.tracks if t.notes)
+    clipped = _first_bars(score, prompt_bars) if prompt_bars is not None else score
+    if clipped.note_num() == 0:
+        raise GenerationError(
+            f"{name}: no notes in its first {prompt_bars} bar(s) to continue from; raise "
+            "--prompt-bars"
+        )
+    _, body = _encode(tokenizer, clipped, name)
     bar_starts = np.flatnonzero(grammar.bar_of(body))
-    if prompt_bars is not None:
-        if prompt_bars < 1:
-            raise GenerationError(f"--prompt-bars {prompt_bars}: must be at least 1")
-        if prompt_bars < len(bar_starts):
-            body = body[: bar_starts[prompt_bars]]
+    if prompt_bars is not None and prompt_bars < len(bar_starts):
+        body = body[: bar_starts[prompt_bars]]
     n_bars = int(grammar.bar_of(body).sum())
+    if n_bars > MAX_BARS:
+        raise GenerationError(
+            f"{name}: a {n_bars}-bar prompt, more than one request reads ({MAX_BARS}); "
+            "continue from fewer bars (--prompt-bars)"
+        )
     if instruments is None:  # the file's instruments, also those that enter after the prompt
         order = _track_order(score, in_file)
     _check_channels(order, "in the prompt and request")
@@ -1454,6 +1512,7 @@ def plan_continuation(
         required=order,
         target_bars=n_bars + bars,
         max_new_tokens=budget,
+        source=name,
     )
 
 
@@ -1471,6 +1530,11 @@ def plan_arrangement(tokenizer, grammar, stats, arrange, add, max_tokens, densit
     order = _track_order(score, existing) + added
     _check_channels(order, "in the piece and --add")
     n_bars = int(grammar.bar_of(body).sum())
+    if n_bars > MAX_BARS:
+        raise GenerationError(
+            f"{name}: {n_bars} bars, more than one request arranges ({MAX_BARS}); arrange it in "
+            "shorter sections"
+        )
     budget = max_tokens or _default_budget(n_bars, len(added))
     _check_budget(budget, grammar, len(added))
     # The piece's tracks are announced as they play; added ones at their default or request.
@@ -1486,6 +1550,7 @@ def plan_arrangement(tokenizer, grammar, stats, arrange, add, max_tokens, densit
         target_bars=n_bars,
         max_new_tokens=budget,
         existing=body,
+        source=name,
     )
 
 
@@ -1638,6 +1703,11 @@ def check_request(
         )
     if prompt_bars is not None and prompt is None:
         raise GenerationError("--prompt-bars goes with --prompt FILE")
+    if bars is not None and bars > MAX_BARS:
+        raise GenerationError(
+            f"--bars {bars}: more than one request writes ({MAX_BARS}); continue the result "
+            "with --prompt for more"
+        )
 
 
 def make_plan(
@@ -1678,10 +1748,12 @@ def sample_tokens(
     seed: int = 0,
     use_cache: bool = True,
     progress: bool = False,
+    time_limit: float | None = None,
 ) -> list[np.ndarray]:
     """Decode ``num_samples`` rows of ``plan`` as one batch; returns each row's token ids
     (header, prompt, new tokens, EOS). ``use_cache=False`` recomputes the whole context with a
-    full forward for every token: slow, the reference the KV cache is tested against."""
+    full forward for every token: slow, the reference the KV cache is tested against.
+    ``time_limit``: seconds of decoding before it stops with a GenerationError."""
     model, tokenizer = checkpoint.model, checkpoint.tokenizer
     sampling = (sampling or Sampling()).check(tokenizer.kind)
     if num_samples < 1:
@@ -1697,8 +1769,9 @@ def sample_tokens(
         constraints.existing = grammar.existing_stream(plan.existing, checkpoint.device)
     generator = torch.Generator(device=checkpoint.device).manual_seed(seed)
     return _decode(
-        model, grammar, plan, constraints, sampling, num_samples, generator, use_cache, progress
-    )
+        model, grammar, plan, constraints, sampling, num_samples, generator, use_cache, progress,
+        time_limit,
+    )  # fmt: skip
 
 
 def generate(
@@ -1724,6 +1797,7 @@ def generate(
     device: str | None = None,
     compile: bool = False,
     progress: bool = False,
+    time_limit: float | None = None,
 ) -> Score | list[Score]:
     """Generate music; returns a ``symusic.Score`` (a list of them when ``num_samples > 1``).
 
@@ -1739,7 +1813,9 @@ def generate(
     play there (densities.py).
 
     ``bars`` counts the bars to generate (after the prompt, if any; default 16); ``max_tokens``
-    caps the tokens the model chooses. The same ``seed`` gives the same output on the same
+    caps the tokens the model chooses, ``time_limit`` the seconds of decoding; a prompt or
+    arranged piece is read as prepare reads files (clamping out-of-range velocities, refusing
+    corrupt ones) and may hold at most MAX_INPUT_TOKENS tokens. The same ``seed`` gives the same output on the same
     machine; ``seed=None`` draws one (logged). ``checkpoint`` is a directory (default: the
     shipped checkpoints/polyphony-mini) or a loaded :class:`Checkpoint`. Every Score has one
     track per instrument, carries the request marker (metrics.write_request) and has passed
@@ -1765,7 +1841,9 @@ def generate(
         log.info("seed %d (pass --seed %d to repeat)", seed, seed)
     if compile:
         compile_decoder(loaded.model)
-    rows = sample_tokens(loaded, plan, sampling, num_samples, seed, progress=progress)
+    rows = sample_tokens(
+        loaded, plan, sampling, num_samples, seed, progress=progress, time_limit=time_limit
+    )
     scores = [to_score(loaded.tokenizer, row, plan) for row in rows]
     return scores[0] if num_samples == 1 else scores
 

@@ -131,3 +131,58 @@ def write_adversarial_files(directory: Path, good_file: Path) -> dict[str, str]:
     os.mkfifo(directory / "named_pipe.mid")
     expected.update({"self_link.mid": "read", "dangling.mid": "read", "named_pipe.mid": "read"})
     return expected
+
+
+def write_repairable_files(directory: Path) -> dict[str, int]:
+    """Files a notation program writes: data bytes above 127 where players clamp them. Returns
+    {name: the number of notes}; each note's pitch is intact."""
+    directory.mkdir(parents=True, exist_ok=True)
+    notes = [(0, bytes([0x90, 60 + i, 204 if i % 2 else 90])) for i in range(4)]
+    offs = [(480 if i == 0 else 0, note_off(60 + i)) for i in range(4)]
+    files = {
+        "velocity_204.mid": midi_bytes(notes + offs),
+        "controller_168.mid": midi_bytes([(0, bytes([0xB0, 7, 168]))] + one_note(64)),
+    }
+    for name, data in files.items():
+        (directory / name).write_bytes(data)
+    return {"velocity_204.mid": 4, "controller_168.mid": 1}
+
+
+def tempo(mspq: int) -> bytes:
+    return b"\xff\x51\x03" + mspq.to_bytes(3, "big")
+
+
+def write_generation_hostile_files(directory: Path) -> list[str]:
+    """Files that are valid enough to parse but make a naive reader do unbounded work: each
+    must end in a score or one-line refusal within a request's time bound."""
+    directory.mkdir(parents=True, exist_ok=True)
+    chord = [(0, note_on(p % 88 + 21)) for p in range(100_000)]
+    chord += [(480 if i == 0 else 0, note_off(p % 88 + 21)) for i, p in enumerate(range(100_000))]
+    files = {
+        "chord_100k_notes_one_tick.mid": midi_bytes(chord),
+        "tempo_100k_changes.mid": midi_bytes(
+            [(1, tempo(400_000 + i % 200_000)) for i in range(100_000)] + one_note()
+        ),
+        "meter_20k_changes.mid": midi_bytes(
+            [(1, meter(3 + i % 2, 2)) for i in range(20_000)] + one_note()
+        ),
+        "note_997_huge_gap.mid": midi_bytes(
+            [
+                e
+                for i in range(997)
+                for e in ((0 if i else 0, note_on(40 + i % 40)), (120, note_off(40 + i % 40)))
+            ]
+            + one_note(60, delta=1_800 * 1920)
+        ),
+        "note_ending_far_beyond.mid": midi_bytes([(0, note_on(60)), (2**27, note_off(60))]),
+        "max_vlq_delta.mid": midi_bytes(
+            one_note() + [(0x0FFFFFFF, note_on(62)), (480, note_off(62))]
+        ),
+        "overlapping_same_pitch.mid": midi_bytes(
+            [(0, note_on(60)) for _ in range(2_000)] + [(480, note_off(60))] * 2_000
+        ),
+        "one_note_long_silence.mid": midi_bytes(one_note() + [(1_900 * 1920, b"\xff\x01\x00")]),
+    }
+    for name, data in files.items():
+        (directory / name).write_bytes(data)
+    return sorted(files)

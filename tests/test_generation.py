@@ -596,7 +596,7 @@ def broken_inputs(checkpoint_dirs, tmp_path_factory) -> dict[str, Path]:
 PIECE = ("--instruments", "piano, bass, drums", "--bars", "1")
 CLI_FAILURES = {
     "unknown instrument 'trumpetz'": ("--instruments", "piano, trumpetz", "--checkpoint", "{remi}"),
-    "cannot read the prompt MIDI file": (
+    "garbage.mid: not a readable MIDI file": (
         "--prompt",
         "{root}/garbage.mid",
         "--checkpoint",

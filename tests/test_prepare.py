@@ -17,23 +17,27 @@ import pytest
 from adversarial import (
     MAX_NOTES,
     TEST_HOOK,
+    midi_bytes,
+    note_off,
     small_score,
     write_adversarial_files,
     write_extra_good_files,
+    write_repairable_files,
 )
 from symusic import Score
 
 from polyphony.config import DataConfig
-from polyphony.data import prepare
+from polyphony.data import isolation
+from polyphony.data.isolation import TEST_HOOK_ENV
+from polyphony.data.midi_input import process_file, read_score
 from polyphony.data.prepare import (
     MANIFEST_FILE,
     REPORT_FILE,
     SPLITS,
-    TEST_HOOK_ENV,
     main,
     prepare_dataset,
-    split_of,
 )
+from polyphony.data.shards import split_of
 from polyphony.tokenizer import PolyTokenizer
 
 SHARD_FILES = ("ids.npy", "track_ids.npy", "offsets.npy", "pieces.jsonl")
@@ -208,18 +212,17 @@ def test_file_system_failures_are_reported_but_not_cached(tmp_path, monkeypatch)
     small_score(1).dump_midi(vanishing)
     tokenizer, limits = PolyTokenizer.build("remi"), config()
     content_hash = hashlib.sha256(vanishing.read_bytes()).hexdigest()
-    changed = prepare._process_file(str(vanishing), "0" * 64, tokenizer, limits)
+    changed = process_file(str(vanishing), "0" * 64, tokenizer, limits)
     assert (changed.stage, changed.transient) == ("read", True)
     vanishing.rename(tmp_path / "elsewhere.mid")
-    gone = prepare._process_file(str(vanishing), content_hash, tokenizer, limits)
+    gone = process_file(str(vanishing), content_hash, tokenizer, limits)
     assert (gone.stage, gone.transient) == ("read", True) and "disappeared" in gone.reason
     (tmp_path / "elsewhere.mid").rename(vanishing)
 
-    real = prepare._process_file
     monkeypatch.setattr(
-        prepare,
-        "_process_file",
-        lambda path, *args: gone if path == str(vanishing) else real(path, *args),
+        isolation,
+        "process_file",
+        lambda path, *args: gone if path == str(vanishing) else process_file(path, *args),
     )
     first = prepare_dataset(midi_dir, out_dir, limits, workers=0, progress=False)
     assert first.skipped == {"read": 1} and first.ok == 1
@@ -304,3 +307,75 @@ def test_cli_fails_clearly_when_nothing_can_be_used(tmp_path, capsys):
 
     assert main([str(only_bad), "--data.max_barz=3"]) == 1
     assert "Did you mean max_bars" in capsys.readouterr().err
+
+
+def test_source_held_out_overrides_the_fractions_for_its_source(fixture_midi_dir, tmp_path):
+    """data.source_held_out gives one source its own held-out share; the others keep theirs,
+    and every piece's split is still a pure function of its content hash."""
+    held_out = {"band": 0.45}
+    data_config = config(source_held_out=held_out)
+    prepare_dataset(fixture_midi_dir, tmp_path / "ds", data_config, workers=0, progress=False)
+    manifest = json.loads((tmp_path / "ds" / MANIFEST_FILE).read_text())
+    assert manifest["config"]["source_held_out"] == held_out
+    by_source: dict[str, list[str]] = {}
+    for split in SPLITS:
+        for line in (tmp_path / "ds" / split / "pieces.jsonl").open():
+            piece = json.loads(line)
+            fraction = held_out.get(piece["source"])
+            expected = (
+                split_of(piece["sha256"], fraction, fraction)
+                if fraction is not None
+                else split_of(piece["sha256"], 0.2, 0.1)
+            )
+            assert split == expected, piece["path"]
+            by_source.setdefault(piece["source"], []).append(split)
+    assert set(by_source) == {"band", "music21"}
+    # The override changed something: some band piece the default fractions would train on
+    # is held out now.
+    band = [
+        json.loads(line)
+        for split in SPLITS
+        for line in (tmp_path / "ds" / split / "pieces.jsonl").open()
+        if json.loads(line)["source"] == "band"
+    ]
+    moved = [p for p in band if split_of(p["sha256"], 0.2, 0.1) == "train"]
+    assert any(split_of(p["sha256"], 0.45, 0.45) != "train" for p in moved)
+
+
+def test_out_of_range_velocities_and_controllers_are_clamped_and_reported(tmp_path):
+    """Kept with a `repaired` line in the report (pitches intact, velocities 127); --strict
+    refuses them as before, and a pitch above 127 is never repaired."""
+    midi_dir = tmp_path / "midi"
+    counts = write_repairable_files(midi_dir)
+    (midi_dir / "pitch_200.mid").write_bytes(
+        midi_bytes([(0, bytes([0x90, 200, 100])), (480, note_off(60))])
+    )
+    small_score(0).dump_midi(midi_dir / "good.mid")
+    summary = prepare_dataset(midi_dir, tmp_path / "lenient", config(), workers=0, progress=False)
+    assert summary.ok == 3 and summary.repaired == 2 and summary.skipped == {"read": 1}
+    report = {e["path"]: e for e in read_report(tmp_path / "lenient")}
+    assert report["velocity_204.mid"]["stage"] == "repaired"
+    assert "velocity 204" in report["velocity_204.mid"]["reason"]
+    assert "2 note velocities" in report["velocity_204.mid"]["reason"]
+    assert "control_value 168" in report["controller_168.mid"]["reason"]
+    assert report["pitch_200.mid"]["stage"] == "read"
+    manifest = json.loads((tmp_path / "lenient" / MANIFEST_FILE).read_text())
+    assert manifest["files"]["repaired"] == 2
+    pieces = [
+        json.loads(line)
+        for split in SPLITS
+        for line in (tmp_path / "lenient" / split / "pieces.jsonl").open()
+    ]
+    assert {p["path"]: p["n_notes"] for p in pieces if p["path"] in counts} == counts
+    score, repair = read_score((midi_dir / "velocity_204.mid").read_bytes())
+    assert [n.pitch for n in score.tracks[0].notes] == [60, 61, 62, 63]
+    assert sorted(n.velocity for n in score.tracks[0].notes) == [90, 90, 127, 127]
+    assert repair.first == "velocity=204" and repair.velocities_at_127 == 2
+
+    strict = prepare_dataset(
+        midi_dir, tmp_path / "strict", config(strict=True), workers=0, progress=False
+    )
+    assert strict.ok == 1 and strict.repaired == 0 and strict.skipped == {"read": 3}
+    reasons = {e["path"]: e["reason"] for e in read_report(tmp_path / "strict")}
+    assert "drop data.strict" in reasons["velocity_204.mid"]
+    assert "re-export it" in reasons["pitch_200.mid"]
