@@ -55,8 +55,15 @@ class DataConfig:
     max_bars: int = 2000
     max_notes: int = 200_000
     max_tokens_per_note: float = 40.0
+    # Refuse files with out-of-range velocity or controller bytes instead of clamping them.
+    strict: bool = False
     validation_fraction: float = 0.05
     test_fraction: float = 0.05
+    # Per-source override of both fractions above, e.g. {band: 0.1}: a source with few pieces
+    # holds out a larger share so its evaluations rest on enough music.
+    source_held_out: dict[str, float] = field(default_factory=dict)
+    # At least this many validation pieces (fine-tuning on a handful of files); 0: none forced.
+    min_validation_pieces: int = 0
 
 
 @dataclass
@@ -109,6 +116,12 @@ class TrainConfig:
     log_every: int = 10
     num_workers: int = 0  # DataLoader workers
     trackers: list[str] = field(default_factory=lambda: ["tensorboard", "csv"])
+    # Fine-tuning: a release directory (checkpoints/polyphony-mini, runs/*/release) whose
+    # weights and model config start the run; the optimizer starts fresh. "": random weights.
+    init_from: str = ""
+    # Stop when this many evaluations in a row have not beaten the best validation loss, and
+    # export the best step; 0 trains to max_steps.
+    patience: int = 0
 
 
 @dataclass
@@ -137,6 +150,17 @@ class Config:
             raise ConfigError(
                 f"model.n_heads={self.model.n_heads} is not a multiple of model.n_kv_heads={kv}"
             )
+        fractions = {"": (self.data.validation_fraction, self.data.test_fraction)}
+        fractions |= {source: (f, f) for source, f in self.data.source_held_out.items()}
+        for source, (validation, test) in fractions.items():
+            if min(validation, test) < 0 or validation + test >= 1:
+                where = f"data.source_held_out.{source}" if source else "data.*_fraction"
+                raise ConfigError(
+                    f"{where}: held-out fractions {validation}, {test} leave nothing to train on; "
+                    f"use values >= 0 that sum below 1"
+                )
+        if self.train.patience < 0:
+            raise ConfigError(f"train.patience={self.train.patience}: expected >= 0 (0 = off)")
         if self.train.keep_last < 2:
             raise ConfigError(
                 f"train.keep_last={self.train.keep_last}: must be >= 2 so a crash mid-save keeps one"

@@ -205,11 +205,12 @@ def continuation(checkpoint, excerpts, prompt_bars: int, new_bars: int, seed: in
     """Per prompt track: notes per bar after / before (tracks silent in the prompt left out)."""
     from .generation import generate
 
-    ratios, silent = [], 0
+    ratios, silent, pieces = [], 0, 0
     for index, (_, real) in enumerate(excerpts):
         prompt = excerpt(real, 0, prompt_bars)
         if prompt is None:
             continue
+        pieces += 1
         before = {i: n / prompt_bars for i, (n, _) in track_densities(prompt).items()}
         score = generate(
             prompt=prompt, prompt_bars=prompt_bars, bars=new_bars, seed=seed + index,
@@ -224,6 +225,7 @@ def continuation(checkpoint, excerpts, prompt_bars: int, new_bars: int, seed: in
             ratios.append(ratio)
             silent += ratio == 0
     return {
+        "pieces": pieces,
         "prompt_tracks": len(ratios),
         "median_ratio": _median(ratios),
         "silent_fraction": silent / max(len(ratios), 1),
@@ -296,7 +298,7 @@ def format_report(report: dict[str, Any]) -> str:
         )
     c = report["continuation"]
     lines.append(
-        f"continuation: {c['prompt_tracks']} prompt tracks, median after/before "
+        f"continuation: {c['pieces']} pieces, {c['prompt_tracks']} prompt tracks, median after/before "
         f"{_number(c['median_ratio'])}, silent {c['silent_fraction']:.1%}"
     )
     for name, a in report["arrangement"].items():

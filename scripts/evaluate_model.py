@@ -44,6 +44,9 @@ def main() -> None:
     parser.add_argument("--parts", action="store_true", help="the full-parts checks instead")
     parser.add_argument("--per-piece", type=int, default=4, help="--parts: excerpts per piece")
     parser.add_argument("--samples", type=int, default=20, help="--parts: pieces per control")
+    parser.add_argument(
+        "--requests-only", action="store_true", help="--parts: only the requests (sweeps)"
+    )
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     if args.parts:
@@ -72,17 +75,23 @@ def main() -> None:
 
 def run_parts(args: argparse.Namespace) -> None:
     checkpoint = load_checkpoint(args.checkpoint)
-    # 16-bar excerpts every 8 bars (they overlap by half): 52 requests from the 14 held-out band
-    # pieces long enough; continuation and arrangement take the first 32 and 24 of them.
+    # 16-bar excerpts every 8 bars (they overlap by half), up to --per-piece per held-out band
+    # piece long enough; continuation and arrangement take each piece's first excerpt.
     excerpts = parts.band_excerpts(args.dataset, args.corpus, 16, args.per_piece, stride=8)
+    sampling = {"temperature": args.temperature, "top_p": args.top_p}
     report = {
         "excerpts": len(excerpts),
-        "requests": parts.requests_from_excerpts(checkpoint, excerpts, 16, args.seed),
-        "control": parts.control(checkpoint, 8, args.samples, args.seed),
-        "continuation": parts.continuation(checkpoint, excerpts[:32], 4, 8, args.seed),
-        "arrangement": parts.arrangement(checkpoint, excerpts[:24], args.seed),
+        "sampling": sampling,
+        "requests": parts.requests_from_excerpts(checkpoint, excerpts, 16, args.seed, **sampling),
     }
-    print(parts.format_report(report))
+    if not args.requests_only:
+        firsts = parts.band_excerpts(args.dataset, args.corpus, 16, 1, stride=8)
+        report["control"] = parts.control(checkpoint, 8, args.samples, args.seed)
+        report["continuation"] = parts.continuation(checkpoint, firsts, 4, 8, args.seed)
+        report["arrangement"] = parts.arrangement(checkpoint, firsts, args.seed)
+        print(parts.format_report(report))
+    else:
+        print(json.dumps(report["requests"], indent=1))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "parts.json").write_text(json.dumps(report, indent=2) + "\n")
 

@@ -63,6 +63,12 @@ def test_invalid_combinations_are_rejected():
         load_config("configs/tiny.yaml", ["--train.keep_last=1"])
     with pytest.raises(ConfigError, match="tokenization"):
         load_config("configs/tiny.yaml", ["--data.tokenization=octuple"])
+    with pytest.raises(ConfigError, match="data.source_held_out.band"):
+        load_config("configs/tiny.yaml", ["--data.source_held_out={band: 0.6}"])
+    with pytest.raises(ConfigError, match="data.\\*_fraction"):
+        load_config(
+            "configs/tiny.yaml", ["--data.validation_fraction=0.7", "--data.test_fraction=0.3"]
+        )
 
 
 def test_override_syntax_errors_are_clear():
