@@ -6,6 +6,8 @@
     python train.py --config configs/small.yaml --max-steps 1000      stop early (schedule kept)
     python train.py --config configs/small.yaml --dry-run             one step, nothing written
     python train.py --config configs/small.yaml --export out/model    release from a checkpoint
+    python train.py --config configs/finetune.yaml --init-from checkpoints/polyphony-mini \
+        --data.dataset_dir=data/mine --train.out_dir=runs/mine        fine-tune a trained model
 
 A run directory (train.out_dir) that holds checkpoints is continued from its newest verified
 one; ``--resume`` makes that a requirement. See docs/training.md.
@@ -22,7 +24,8 @@ from polyphony.config import ConfigError, load_config
 from polyphony.data.dataset import DatasetError
 from polyphony.data.prepare import PrepareError
 from polyphony.model import CheckpointError
-from polyphony.training import LaunchError, ResumeError, export_latest, train
+from polyphony.resume import InitError, ResumeError, export_latest
+from polyphony.training import LaunchError, train
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,11 +41,18 @@ def main(argv: list[str] | None = None) -> int:
         "--max-steps", type=int, metavar="N", help="stop after step N (schedule: train.max_steps)"
     )
     parser.add_argument(
+        "--init-from",
+        metavar="DIR",
+        help="start from this release's weights and model config (= --train.init_from=DIR)",
+    )
+    parser.add_argument(
         "--export",
         metavar="DIR",
         help="write a release from the run's newest checkpoint; no training",
     )
     args, overrides = parser.parse_known_args(argv)
+    if args.init_from:
+        overrides.append(f"--train.init_from={args.init_from}")
     try:
         cfg = load_config(args.config, overrides)
         if args.export:
@@ -62,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         PrepareError,
         CheckpointError,
         ResumeError,
+        InitError,
         LaunchError,
     ) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -43,7 +43,8 @@ sys.path.insert(0, str(ROOT))  # run from a checkout, uninstalled
 from polyphony.config import load_config  # noqa: E402
 from polyphony.model import PolyphonyGPT  # noqa: E402
 from polyphony.tokenizer import PolyTokenizer  # noqa: E402
-from polyphony.training import read_metrics, train  # noqa: E402
+from polyphony.tracking import read_metrics  # noqa: E402
+from polyphony.training import train  # noqa: E402
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16}
 # train.mixed_precision values; "no" quoted, as YAML reads a bare no as false

@@ -202,8 +202,12 @@ def checkpoint_dir(run_dir: str | Path, step: int) -> Path:
     return Path(run_dir) / CHECKPOINTS_DIR / f"step_{step:06d}"
 
 
-def save_checkpoint(run_dir: str | Path, checkpoint: Checkpoint, keep_last: int = 2) -> Path:
+def save_checkpoint(
+    run_dir: str | Path, checkpoint: Checkpoint, keep_last: int = 2, keep_step: int | None = None
+) -> Path:
     """Write ``checkpoint`` atomically under ``run_dir/checkpoints/``; returns its directory.
+    Older ones beyond ``keep_last`` are deleted, except step ``keep_step`` (the best so far,
+    when the run stops early and exports it).
 
     Call from one process only (rank 0): it is the single writer of the run directory.
     """
@@ -239,7 +243,8 @@ def save_checkpoint(run_dir: str | Path, checkpoint: Checkpoint, keep_last: int 
     _fsync_dir(root)
 
     for stale in _stale_checkpoints(root, checkpoint.step, keep_last):
-        _discard(stale, root)
+        if stale != checkpoint_dir(run_dir, keep_step if keep_step is not None else -1):
+            _discard(stale, root)
     return final
 
 

@@ -78,6 +78,16 @@ class DensityStats:
                 per_instrument.setdefault(instrument, []).append(value)
         return cls.measure(per_instrument)
 
+    def falling_back_to(self, base: DensityStats) -> DensityStats:
+        """These statistics where they measured an instrument or family, ``base``'s elsewhere:
+        a fine-tune on a few pieces keeps the trained model's defaults for what they lack."""
+        return DensityStats(
+            instruments=dict(sorted((base.instruments | self.instruments).items())),
+            families=dict(sorted((base.families | self.families).items())),
+            overall=self.overall,
+            pieces=dict(sorted((base.pieces | self.pieces).items())),
+        )
+
     def quartiles(self, instrument: int) -> tuple[float, float, float]:
         if instrument in self.instruments:
             return self.instruments[instrument]

@@ -1,8 +1,10 @@
 """The training loop, on Hugging Face Accelerate: one CPU, one GPU, DDP or FSDP, one code path.
 
-It reads top to bottom like accelerate's ``complete_nlp_example.py`` and nanoGPT's ``train.py``:
-``train()`` sets up (accelerator, data, model, optimizer, resume), runs the loop (accumulate
-micro-batches, step, log, evaluate, checkpoint) and exports a release directory at the end.
+It reads top to bottom like nanoGPT's ``train.py``: :func:`setup` builds a :class:`Run`
+(accelerator, data, model, optimizer, resumed or started from a trained model), then
+:func:`train` loops over its phases (:func:`optimizer_step`, :func:`log_if_due`,
+:func:`evaluate_if_due`, :func:`save_if_due`) and exports a release directory at the end.
+Saving, resuming, ``train.init_from`` and export are ``polyphony.resume``.
 
 Three choices make the numbers trustworthy:
 
@@ -22,64 +24,46 @@ Three choices make the numbers trustworthy:
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import hashlib
 import json
 import math
 import os
 import platform
-import shutil
 import time
 import warnings
-from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn as nn
 from accelerate import Accelerator
-from accelerate.tracking import GeneralTracker
-from accelerate.utils import (
-    DataLoaderConfiguration,
-    GradientAccumulationPlugin,
-    gather_object,
-    set_seed,
-)
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_optimizer_state_dict,
-    set_model_state_dict,
-    set_optimizer_state_dict,
-)
+from accelerate.utils import DataLoaderConfiguration, GradientAccumulationPlugin, set_seed
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
-from .checkpoint import (
-    CHECKPOINTS_DIR,
-    Checkpoint,
-    capture_rng_state,
-    find_latest_checkpoint,
-    load_checkpoint,
-    restore_rng_state,
-    save_checkpoint,
-)
-from .config import Config, DataConfig, TrainConfig, model_config_from_dict
+from .checkpoint import restore_rng_state
+from .config import Config, DataConfig, TrainConfig
 from .data.dataset import MANIFEST_FILE, DatasetError, WindowDataset, tokenizer_of
 from .densities import DENSITY_FILE, DensityStats
 from .model import PolyphonyGPT
-from .tokenizer import PolyTokenizer
+from .resume import (
+    Progress,
+    base_model_config,
+    check_resumable,
+    export_latest,
+    find_resume_checkpoint,
+    load_base_model,
+    restore_training_state,
+    save_training_checkpoint,
+)
+from .tracking import METRICS_FILE, CSVTracker
 
 RELEASE_DIR = "release"  # <out_dir>/release: the exported model, loadable by from_pretrained
-METRICS_FILE = "metrics.csv"
 DATA_CACHE_DIR = "data-cache"  # <out_dir>/../data-cache/<name>: raw MIDI folders prepared here
 MIDI_SUFFIXES = (".mid", ".midi", ".kar")
-
-
-class ResumeError(ValueError):
-    """A run directory whose checkpoints cannot be continued with this config."""
 
 
 class LaunchError(RuntimeError):
@@ -189,86 +173,6 @@ def file_sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-class CSVTracker(GeneralTracker):
-    """An accelerate tracker writing one CSV row per logged step (``<out_dir>/metrics.csv``).
-
-    Columns are fixed up front (step, then the given keys); a value not logged at a step is
-    left empty. Rows at or after the first step this process logs are dropped when the file is
-    opened, so the table of a resumed run reads like the uninterrupted run's.
-    """
-
-    name = "csv"
-    requires_logging_directory = False
-    main_process_only = True
-
-    def __init__(self, path: str | Path, columns: list[str]):
-        super().__init__()
-        self.path = Path(path)
-        self.columns = ["step", *columns]
-        self._file = None
-        self._writer = None
-
-    @property
-    def tracker(self):
-        return self._writer
-
-    def log(self, values: dict, step: int | None = None, **kwargs):
-        unknown = sorted(set(values) - set(self.columns))
-        if unknown:
-            raise ValueError(f"{self.path}: no column for {unknown}; columns are {self.columns}")
-        if self._file is None:
-            self._open(step)
-        self._writer.writerow({"step": step, **values})
-        self._file.flush()
-
-    def _open(self, first_step: int) -> None:
-        kept = []
-        if self.path.is_file():
-            with open(self.path, newline="") as old:
-                kept = [row for row in csv.DictReader(old) if int(row["step"]) < first_step]
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = self.path.with_suffix(".csv.tmp")
-        with open(temporary, "w", newline="") as new:
-            writer = csv.DictWriter(new, self.columns, restval="", extrasaction="ignore")
-            writer.writeheader()
-            writer.writerows(kept)
-        os.replace(temporary, self.path)
-        self._file = open(self.path, "a", newline="")
-        self._writer = csv.DictWriter(self._file, self.columns, restval="")
-
-    def finish(self):
-        if self._file is not None:
-            self._file.close()
-            self._file = None
-
-
-def read_metrics(path: str | Path) -> list[dict[str, float]]:
-    """The rows of a metrics.csv as floats (empty cells left out)."""
-    with open(path, newline="") as file:
-        return [{k: float(v) for k, v in row.items() if v != ""} for row in csv.DictReader(file)]
-
-
-# ----------------------------------------------------------------------------- progress
-@dataclass
-class Progress:
-    """Where a run stands; saved in every checkpoint's state.json."""
-
-    step: int = 0  # optimizer steps taken
-    epoch: int = 0
-    step_in_epoch: int = 0  # optimizer steps already taken in `epoch`
-    tokens_seen: int = 0  # positions processed (padding included: the compute was spent)
-    wall_time_s: float = 0.0  # summed over every session of the run
-    train_losses: dict[str, float] = field(default_factory=dict)  # last logged
-    eval_losses: dict[str, float] = field(default_factory=dict)  # last evaluation
-
-    def advance(self, steps_per_epoch: int, tokens: int) -> None:
-        self.step += 1
-        self.step_in_epoch += 1
-        self.tokens_seen += tokens
-        if self.step_in_epoch == steps_per_epoch:
-            self.epoch, self.step_in_epoch = self.epoch + 1, 0
-
-
 def micro_batch_groups(accelerator, loader, dataset, progress: Progress, accumulation: int):
     """Yield the ``accumulation`` micro-batches of each optimizer step, from ``progress`` on,
     epoch after epoch. An epoch holds a whole number of steps (see ``train``)."""
@@ -329,174 +233,57 @@ def evaluation_loader(dataset: WindowDataset, cfg: TrainConfig, accelerator) -> 
     )
 
 
-# ----------------------------------------------------------------------------- checkpoints
-def _state_dict_options(**kwargs) -> StateDictOptions:
-    # Full (unsharded) tensors, so one checkpoint format serves single, DDP and FSDP runs.
-    return StateDictOptions(full_state_dict=True, **kwargs)
+# ----------------------------------------------------------------------------- the run
+@dataclass
+class LossWindow:
+    """Summed losses and target counts per head since the last log line, and the time spent."""
+
+    sums: torch.Tensor
+    counts: torch.Tensor
+    steps: int = 0
+    seconds: float = 0.0
+
+    def reset(self) -> None:
+        self.sums.zero_()
+        self.counts.zero_()
+        self.steps, self.seconds = 0, 0.0
 
 
-def find_resume_checkpoint(run_dir: Path, required: bool, accelerator) -> Checkpoint | None:
-    """The newest verified checkpoint of ``run_dir`` (warning about skipped ones), or None for a
-    fresh run. Refuses to start over when checkpoints exist but none verifies."""
-    path, skipped = find_latest_checkpoint(run_dir)
-    for reason in skipped:
-        if accelerator.is_main_process:
-            warnings.warn(f"skipping checkpoint: {reason}", stacklevel=2)
-    if path is None and skipped:
-        raise ResumeError(
-            f"{run_dir / CHECKPOINTS_DIR}: none of the {len(skipped)} checkpoints verifies; "
-            "move them away to start this run afresh, or set train.out_dir to a new directory"
-        )
-    if path is None and required:
-        raise ResumeError(f"--resume: no checkpoint in {run_dir / CHECKPOINTS_DIR} to resume from")
-    return load_checkpoint(path) if path is not None else None
+@dataclass
+class Run:
+    """Everything the loop needs, built once by :func:`setup`."""
+
+    cfg: Config
+    accelerator: Accelerator
+    model: nn.Module
+    optimizer: Any
+    batches: Iterator[list[dict[str, torch.Tensor]]]  # the micro-batches of each step
+    val_loader: DataLoader
+    heads: list[str]
+    weights: torch.Tensor  # loss weight per head
+    progress: Progress
+    run_info: dict[str, Any]  # saved with every checkpoint; a resume is checked against it
+    extra_files: dict[str, bytes]  # what generation needs beside the weights
+    last_step: int
+    dry_run: bool
+    resumed_rng: list | None  # restored once the data iterator exists
+    window: LossWindow
+
+    @property
+    def stopped_early(self) -> bool:
+        patience = self.cfg.train.patience
+        return patience > 0 and self.progress.evals_since_best >= patience
 
 
-def check_resumable(
-    checkpoint: Checkpoint, cfg: Config, tokenizer_hash: str, data_hash: str
-) -> None:
-    if checkpoint.state.get("tokenizer_hash") != tokenizer_hash:
-        raise ResumeError(
-            f"{checkpoint.path}: trained with tokenizer {checkpoint.state.get('tokenizer_hash')}, "
-            f"but the dataset's tokenizer is {tokenizer_hash}: token ids would mean other things. "
-            "Use the dataset the run was trained on, or set train.out_dir to a new directory."
-        )
-    saved_model = checkpoint.config.get("model", {})
-    current = dataclasses.asdict(cfg.model)
-    changed = sorted(
-        k for k in set(saved_model) | set(current) if saved_model.get(k) != current.get(k)
-    )
-    if changed:
-        details = "; ".join(
-            f"model.{k}: {saved_model.get(k)!r} -> {current.get(k)!r}" for k in changed
-        )
-        raise ResumeError(
-            f"{checkpoint.path}: the run was trained with another model config ({details}). "
-            "Resume with the config it was trained with, or set train.out_dir to a new directory."
-        )
-    if checkpoint.state.get("data_manifest_hash") != data_hash:
-        warnings.warn(
-            f"{checkpoint.path}: the dataset changed since this checkpoint (manifest hash "
-            f"{checkpoint.state.get('data_manifest_hash')} -> {data_hash}); training continues, "
-            "but the data order will differ from the interrupted run",
-            stacklevel=2,
-        )
-
-
-def save_training_checkpoint(
-    accelerator,
-    model,
-    optimizer,
-    progress: Progress,
-    cfg: Config,
-    run_info: dict,
-    extra_files: dict[str, bytes],
-) -> None:
-    """Collect the full state on every rank (collective under FSDP), write it from rank 0."""
-    options = _state_dict_options(cpu_offload=True)
-    model_state = get_model_state_dict(model, options=options)
-    optimizer_state = get_optimizer_state_dict(model, optimizer.optimizer, options=options)
-    rng_states = gather_object([capture_rng_state()])  # rank order
-    if accelerator.is_main_process:
-        checkpoint = Checkpoint(
-            step=progress.step,
-            model_state=model_state,
-            optimizer_state=optimizer_state,
-            rng_states=rng_states,
-            state={**run_info, "progress": dataclasses.asdict(progress)},
-            config=cfg.to_dict(),
-            extra_files=extra_files,
-        )
-        save_checkpoint(cfg.train.out_dir, checkpoint, keep_last=cfg.train.keep_last)
-    accelerator.wait_for_everyone()
-
-
-def restore_training_state(
-    accelerator, model, optimizer, checkpoint: Checkpoint, run_info: dict
-) -> Progress:
-    """Load weights and optimizer state; return where the run stood. RNG is restored later,
-    once the data iterator exists."""
-    options = _state_dict_options()
-    set_model_state_dict(model, checkpoint.model_state, options=options)
-    set_optimizer_state_dict(
-        model, optimizer.optimizer, checkpoint.optimizer_state, options=options
-    )
-    progress = Progress(**checkpoint.state["progress"])
-    if checkpoint.state.get("samples_per_step") != run_info["samples_per_step"]:
-        # The epoch is cut into steps of another size: the saved position means nothing now.
-        warnings.warn(
-            f"{checkpoint.path}: saved with {checkpoint.state.get('samples_per_step')} windows per "
-            f"step, this run takes {run_info['samples_per_step']}; continuing from the start of "
-            f"epoch {progress.epoch + 1}",
-            stacklevel=2,
-        )
-        progress.epoch, progress.step_in_epoch = progress.epoch + 1, 0
-    elif progress.step_in_epoch >= run_info["steps_per_epoch"]:  # the dataset shrank
-        progress.epoch, progress.step_in_epoch = progress.epoch + 1, 0
-    return progress
-
-
-def export_release(checkpoint_path: str | Path, out_dir: str | Path) -> Path:
-    """Write a release directory from a training checkpoint: model.safetensors, config.json,
-    tokenizer.json (what ``PolyphonyGPT.from_pretrained`` loads) and training.json."""
-    checkpoint = load_checkpoint(checkpoint_path)
-    model = PolyphonyGPT(model_config_from_dict(checkpoint.config["model"]))
-    model.load_state_dict(checkpoint.model_state)
-    tokenizer = PolyTokenizer.load(checkpoint.path)
-    out_dir = Path(out_dir)
-    temporary = out_dir.with_name(f".{out_dir.name}.tmp")
-    shutil.rmtree(temporary, ignore_errors=True)
-    model.save_pretrained(temporary, tokenizer)
-    densities = checkpoint.path / DENSITY_FILE
-    if densities.is_file():  # runs from before per-track densities have none
-        shutil.copyfile(densities, temporary / DENSITY_FILE)
-    state, progress = checkpoint.state, checkpoint.state["progress"]
-    training = {
-        "steps": checkpoint.step,
-        "epochs": progress["epoch"] + progress["step_in_epoch"] / max(state["steps_per_epoch"], 1),
-        "tokens_seen": progress["tokens_seen"],
-        "final_losses": {"train": progress["train_losses"], "validation": progress["eval_losses"]},
-        "wall_time_s": round(progress["wall_time_s"], 1),
-        "hardware": state["hardware"],
-        "mixed_precision": state["mixed_precision"],
-        "data_manifest_hash": state["data_manifest_hash"],
-        "tokenizer_hash": state["tokenizer_hash"],
-        "parameters": model.num_parameters(),
-        "torch": torch.__version__,
-        "exported": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "train_config": checkpoint.config["train"],
-        "data_config": checkpoint.config["data"],
-    }
-    (temporary / "training.json").write_text(json.dumps(training, indent=2) + "\n")
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    os.replace(temporary, out_dir)
-    return out_dir
-
-
-def export_latest(run_dir: str | Path, out_dir: str | Path) -> Path:
-    """``train.py --export DIR``: export the newest verified checkpoint of ``run_dir``."""
-    path, skipped = find_latest_checkpoint(run_dir)
-    for reason in skipped:
-        warnings.warn(f"skipping checkpoint: {reason}", stacklevel=2)
-    if path is None:
-        raise ResumeError(f"{Path(run_dir) / CHECKPOINTS_DIR}: no verified checkpoint to export")
-    return export_release(path, out_dir)
-
-
-# ----------------------------------------------------------------------------- the loop
-def train(
+def setup(
     cfg: Config, resume: bool = False, dry_run: bool = False, stop_at: int | None = None
-) -> Progress:
-    """Train (or continue) the run ``cfg.train.out_dir``; returns where it stopped.
-
-    ``resume``: require a checkpoint to continue from (a run directory that has checkpoints is
-    always continued). ``dry_run``: build everything, take one step, write nothing.
-    ``stop_at``: stop after this global step, saving a checkpoint; the learning-rate schedule
-    still spans ``train.max_steps`` (so a run stopped and resumed equals one that was not).
-    """
+) -> Run:
+    """Accelerator, data, model and optimizer of the run ``cfg.train.out_dir``: continued from
+    its newest checkpoint, else started from ``train.init_from`` or from random weights."""
     tc = cfg.train
     run_dir = Path(tc.out_dir)
+    if tc.init_from:  # the trained model's architecture and heads, not the config's
+        cfg.model = base_model_config(tc.init_from)
     heads = list(cfg.model.heads)
     columns = ["train/loss", *(f"train/loss_{h}" for h in heads), "lr", "tokens_per_s", "val/loss"]
     columns += [f"val/{kind}_{h}" for h in heads for kind in ("loss", "ppl")]
@@ -510,6 +297,7 @@ def train(
     dataset_dir = resolve_dataset_dir(cfg.data, tc.out_dir, accelerator)
     data_cfg = dataclasses.replace(cfg.data, dataset_dir=str(dataset_dir))
     tokenizer = tokenizer_of(dataset_dir)
+    base = load_base_model(tc.init_from, tokenizer) if tc.init_from else None
     cfg.model.vocab_sizes = list(tokenizer.vocab_sizes)
     cfg.model.token_types = list(tokenizer.token_types)
     cfg.model.n_token_types = int(tokenizer.n_token_types)
@@ -532,6 +320,7 @@ def train(
         "world_size": accelerator.num_processes,
         "hardware": describe_hardware(accelerator),
         "mixed_precision": tc.mixed_precision,
+        "init_from": tc.init_from,
     }
     checkpoint = find_resume_checkpoint(run_dir, resume, accelerator)
     if checkpoint is not None:
@@ -540,6 +329,8 @@ def train(
     # Model and optimizer: identical initial weights on every rank and in every run.
     set_seed(tc.seed)
     model = PolyphonyGPT(cfg.model)
+    if base is not None:
+        model.load_state_dict(base.state_dict())
     optimizer = torch.optim.AdamW(
         parameter_groups(model, tc.weight_decay), lr=tc.lr, betas=(tc.beta1, tc.beta2)
     )
@@ -554,17 +345,16 @@ def train(
         generator=torch.Generator().manual_seed(tc.seed),
     )
     model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
-    val_loader = evaluation_loader(val_set, tc, accelerator)
-    weights = torch.tensor([cfg.model.heads[h] for h in heads], device=accelerator.device)
 
     progress = Progress()
     if checkpoint is not None:
         progress = restore_training_state(accelerator, model, optimizer, checkpoint, run_info)
         accelerator.print(f"resuming {run_dir} from step {progress.step} ({checkpoint.path.name})")
+    elif base is not None:
+        accelerator.print(f"starting from {tc.init_from}")
     # Per-rank streams for dropout (replaced by the saved ones when resuming).
     set_seed(tc.seed, device_specific=True)
     n_params = accelerator.unwrap_model(model).num_parameters()
-    counter = accelerator.unwrap_model(model).target_counts
     accelerator.print(
         f"{n_params / 1e6:.2f}M parameters | {accelerator.num_processes} process(es) on "
         f"{accelerator.device} | {samples_per_step} windows x {data_cfg.max_seq_len} tokens per "
@@ -577,108 +367,179 @@ def train(
         if accelerator.is_main_process:
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
-    # Saved with every checkpoint: what generation needs beside the weights.
-    extra_files = {
-        "tokenizer.json": (dataset_dir / "tokenizer.json").read_bytes(),
-        DENSITY_FILE: DensityStats.of_pieces(tokenizer, train_set.whole_pieces())
-        .to_json()
-        .encode(),
-    }
-
+    densities = DensityStats.of_pieces(tokenizer, train_set.whole_pieces())
+    if tc.init_from:  # instruments this data lacks keep the trained model's defaults
+        densities = densities.falling_back_to(DensityStats.load(tc.init_from))
     last_step = tc.max_steps if stop_at is None else min(stop_at, tc.max_steps)
-    if dry_run:
-        last_step = progress.step + 1
-    groups = micro_batch_groups(accelerator, train_loader, train_set, progress, tc.grad_accum_steps)
+    return Run(
+        cfg=cfg,
+        accelerator=accelerator,
+        model=model,
+        optimizer=optimizer,
+        batches=micro_batch_groups(
+            accelerator, train_loader, train_set, progress, tc.grad_accum_steps
+        ),
+        val_loader=evaluation_loader(val_set, tc, accelerator),
+        heads=heads,
+        weights=torch.tensor([cfg.model.heads[h] for h in heads], device=accelerator.device),
+        progress=progress,
+        run_info=run_info,
+        extra_files={
+            "tokenizer.json": (dataset_dir / "tokenizer.json").read_bytes(),
+            DENSITY_FILE: densities.to_json().encode(),
+        },
+        last_step=progress.step + 1 if dry_run else last_step,
+        dry_run=dry_run,
+        resumed_rng=checkpoint.rng_states if checkpoint is not None else None,
+        window=LossWindow(
+            torch.zeros(len(heads), device=accelerator.device),
+            torch.zeros(len(heads), device=accelerator.device, dtype=torch.long),
+        ),
+    )
+
+
+# ----------------------------------------------------------------------------- the phases
+def restore_rng_once(run: Run) -> None:
+    """Only once the resumed data iterator exists (LIBRARY_NOTES §6.7): creating it must not
+    consume the restored state."""
+    saved, accelerator = run.resumed_rng, run.accelerator
+    if saved is None:
+        return
+    if len(saved) == accelerator.num_processes:
+        restore_rng_state(saved[accelerator.process_index])
+    elif accelerator.is_main_process:
+        warnings.warn(
+            f"checkpoint has RNG states of {len(saved)} processes, this run has "
+            f"{accelerator.num_processes}: dropout will not repeat the interrupted run",
+            stacklevel=2,
+        )
+    run.resumed_rng = None
+
+
+def optimizer_step(run: Run, micro_batches: list[dict], lr: float) -> None:
+    """Accumulate the micro-batches' gradients and take one optimizer step at ``lr``."""
+    accelerator, model, optimizer, tc = run.accelerator, run.model, run.optimizer, run.cfg.train
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    counter = accelerator.unwrap_model(model).target_counts
+    counts = [counter(b["labels"], b["label_track_ids"]) for b in micro_batches]
+    global_counts = accelerator.reduce(torch.stack(counts).sum(0), "sum")
     # Each micro-batch's loss below is already its share of the whole step's loss; undo the
     # division by A that accelerator.backward applies and the mean over W ranks that DDP takes.
     scale = tc.grad_accum_steps * accelerator.num_processes
-    tokens_per_step = samples_per_step * data_cfg.max_seq_len
-    window_sums = torch.zeros(len(heads), device=accelerator.device)
-    window_counts = torch.zeros(len(heads), device=accelerator.device, dtype=torch.long)
-    window_steps, window_time = 0, 0.0
+    for batch, count in zip(micro_batches, counts, strict=True):
+        with accelerator.accumulate(model):
+            output = model(**batch)
+            head_losses = torch.stack([output.losses[h].float() for h in run.heads])
+            loss = (run.weights * head_losses * count / global_counts.clamp(min=1)).sum()
+            accelerator.backward(loss * scale)
+            if accelerator.sync_gradients and tc.grad_clip > 0:
+                accelerator.clip_grad_norm_(model.parameters(), tc.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        run.window.sums += head_losses.detach() * count
+    run.window.counts += global_counts
+
+
+def log_if_due(run: Run, lr: float, bar) -> dict[str, float]:
+    """Training losses over the steps since the last log line, on log steps."""
+    step, tc, window = run.progress.step, run.cfg.train, run.window
+    if step % tc.log_every and step != run.last_step:
+        return {}
+    sums = run.accelerator.reduce(window.sums, "sum")
+    means = (sums / window.counts.clamp(min=1)).tolist()
+    values = {"train/loss": float((run.weights.cpu() * torch.tensor(means)).sum())}
+    values.update({f"train/loss_{h}": m for h, m in zip(run.heads, means, strict=True)})
+    values["lr"] = lr
+    tokens_per_step = run.run_info["samples_per_step"] * run.cfg.data.max_seq_len
+    values["tokens_per_s"] = window.steps * tokens_per_step / max(window.seconds, 1e-9)
+    run.progress.train_losses = {k: v for k, v in values.items() if k.startswith("train/")}
+    bar.set_postfix(loss=f"{values['train/loss']:.4f}", tok_s=f"{values['tokens_per_s']:,.0f}")
+    window.reset()
+    return values
+
+
+def evaluate_if_due(run: Run, bar) -> dict[str, float]:
+    """Validation losses on evaluation steps; they also feed early stopping."""
+    step, tc = run.progress.step, run.cfg.train
+    if run.dry_run or not len(run.val_loader):
+        return {}
+    if step % tc.eval_every and step != run.last_step:
+        return {}
+    losses = evaluate(run.model, run.val_loader, run.accelerator, run.heads, run.weights)
+    run.progress.eval_losses = losses
+    run.progress.record_validation(losses["val/loss"])
+    if run.accelerator.is_main_process:
+        bar.write(f"step {step}: val loss {losses['val/loss']:.4f}")
+    return losses
+
+
+def save_if_due(run: Run, evaluated: bool) -> None:
+    """A checkpoint every ``save_every`` steps and at the last; with early stopping also after
+    every evaluation, so the best step has one to export."""
+    step, tc = run.progress.step, run.cfg.train
+    due = step % tc.save_every == 0 or step == run.last_step or run.stopped_early
+    if run.dry_run or not (due or (tc.patience and evaluated)):
+        return
+    save_training_checkpoint(
+        run.accelerator, run.model, run.optimizer, run.progress, run.cfg, run.run_info,
+        run.extra_files,
+    )  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- the loop
+def train(
+    cfg: Config, resume: bool = False, dry_run: bool = False, stop_at: int | None = None
+) -> Progress:
+    """Train (or continue) the run ``cfg.train.out_dir``; returns where it stopped.
+
+    ``resume``: require a checkpoint to continue from (a run directory that has checkpoints is
+    always continued). ``dry_run``: build everything, take one step, write nothing.
+    ``stop_at``: stop after this global step, saving a checkpoint; the learning-rate schedule
+    still spans ``train.max_steps`` (so a run stopped and resumed equals one that was not).
+    With ``train.patience`` the run also stops when validation has not improved for that many
+    evaluations, and the best step is exported.
+    """
+    run = setup(cfg, resume, dry_run, stop_at)
+    progress, accelerator = run.progress, run.accelerator
     bar = tqdm(
-        total=last_step, initial=progress.step, unit="step", dynamic_ncols=True,
+        total=run.last_step, initial=progress.step, unit="step", dynamic_ncols=True,
         disable=not accelerator.is_main_process,
     )  # fmt: skip
-    model.train()
-    resumed_rng = checkpoint.rng_states if checkpoint is not None else None
-    while progress.step < last_step:
-        step_start = time.perf_counter()
-        micro_batches = next(groups)
-        if resumed_rng is not None:
-            # Only now that the resumed iterator exists (LIBRARY_NOTES §6.7): creating it must
-            # not consume the restored state.
-            if len(resumed_rng) == accelerator.num_processes:
-                restore_rng_state(resumed_rng[accelerator.process_index])
-            elif accelerator.is_main_process:
-                warnings.warn(
-                    f"checkpoint has RNG states of {len(resumed_rng)} processes, this run has "
-                    f"{accelerator.num_processes}: dropout will not repeat the interrupted run",
-                    stacklevel=2,
-                )
-            resumed_rng = None
-
-        lr = learning_rate(progress.step, tc)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        counts = [counter(b["labels"], b["label_track_ids"]) for b in micro_batches]
-        global_counts = accelerator.reduce(torch.stack(counts).sum(0), "sum")
-        for batch, count in zip(micro_batches, counts, strict=True):
-            with accelerator.accumulate(model):
-                output = model(**batch)
-                head_losses = torch.stack([output.losses[h].float() for h in heads])
-                # This micro-batch's share of the step loss: its summed losses over all targets.
-                loss = (weights * head_losses * count / global_counts.clamp(min=1)).sum()
-                accelerator.backward(loss * scale)
-                if accelerator.sync_gradients and tc.grad_clip > 0:
-                    accelerator.clip_grad_norm_(model.parameters(), tc.grad_clip)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            window_sums += head_losses.detach() * count
-        window_counts += global_counts
-        progress.advance(steps_per_epoch, tokens_per_step)
-        window_steps += 1
-        window_time += time.perf_counter() - step_start
+    tokens_per_step = run.run_info["samples_per_step"] * cfg.data.max_seq_len
+    run.model.train()
+    while progress.step < run.last_step and not run.stopped_early:
+        started = time.perf_counter()
+        micro_batches = next(run.batches)
+        restore_rng_once(run)
+        lr = learning_rate(progress.step, cfg.train)
+        optimizer_step(run, micro_batches, lr)
+        progress.advance(run.run_info["steps_per_epoch"], tokens_per_step)
+        run.window.steps += 1
+        run.window.seconds += time.perf_counter() - started
         bar.update(1)
-
-        step = progress.step
-        values = {}
-        if step % tc.log_every == 0 or step == last_step:
-            sums = accelerator.reduce(window_sums, "sum")
-            means = (sums / window_counts.clamp(min=1)).tolist()
-            values["train/loss"] = float((weights.cpu() * torch.tensor(means)).sum())
-            values.update({f"train/loss_{h}": m for h, m in zip(heads, means, strict=True)})
-            values["lr"] = lr
-            values["tokens_per_s"] = window_steps * tokens_per_step / max(window_time, 1e-9)
-            progress.train_losses = {k: v for k, v in values.items() if k.startswith("train/")}
-            bar.set_postfix(
-                loss=f"{values['train/loss']:.4f}", tok_s=f"{values['tokens_per_s']:,.0f}"
-            )
-            window_sums.zero_()
-            window_counts.zero_()
-            window_steps, window_time = 0, 0.0
-        if not dry_run and len(val_loader) and (step % tc.eval_every == 0 or step == last_step):
-            progress.eval_losses = evaluate(model, val_loader, accelerator, heads, weights)
-            values.update(progress.eval_losses)
-            if accelerator.is_main_process:
-                bar.write(f"step {step}: val loss {progress.eval_losses['val/loss']:.4f}")
-        if values and not dry_run:
-            accelerator.log(values, step=step)
-        progress.wall_time_s += time.perf_counter() - step_start
-        if not dry_run and (step % tc.save_every == 0 or step == last_step):
-            save_training_checkpoint(
-                accelerator, model, optimizer, progress, cfg, run_info, extra_files
-            )
+        values = log_if_due(run, lr, bar)
+        losses = evaluate_if_due(run, bar)
+        if (values or losses) and not dry_run:
+            accelerator.log(values | losses, step=progress.step)
+        progress.wall_time_s += time.perf_counter() - started
+        save_if_due(run, evaluated=bool(losses))
     bar.close()
 
     if dry_run:
         accelerator.print(
             f"dry run: one step, loss {progress.train_losses['train/loss']:.4f}; nothing written"
         )
-    else:
-        if accelerator.is_main_process:
-            release = export_latest(run_dir, run_dir / RELEASE_DIR)
-            accelerator.print(f"exported {release}")
-        accelerator.wait_for_everyone()
-        accelerator.end_training()
+        return progress
+    if run.stopped_early:
+        accelerator.print(
+            f"stopped at step {progress.step}: validation loss has not improved for "
+            f"{cfg.train.patience} evaluations; exporting step {progress.best_step}"
+        )
+    if accelerator.is_main_process:
+        best = progress.best_step if cfg.train.patience else None
+        release = export_latest(cfg.train.out_dir, Path(cfg.train.out_dir) / RELEASE_DIR, best)
+        accelerator.print(f"exported {release}")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
     return progress

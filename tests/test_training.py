@@ -25,14 +25,13 @@ from polyphony.checkpoint import MANIFEST_FILE, checkpoint_dir, load_checkpoint
 from polyphony.config import Config, ModelConfig, TrainConfig, load_config
 from polyphony.data.dataset import WindowDataset
 from polyphony.model import PolyphonyGPT
+from polyphony.resume import ResumeError
+from polyphony.tracking import CSVTracker, read_metrics
 from polyphony.training import (
-    CSVTracker,
     LaunchError,
-    ResumeError,
     check_world_size,
     learning_rate,
     parameter_groups,
-    read_metrics,
     train,
 )
 
