@@ -1644,19 +1644,26 @@ def _tempo_from_start(score: Score, tokenizer: PolyTokenizer, ids: np.ndarray) -
         score.tempos = tempos
 
 
-def write_midi(score: Score, path: str | Path) -> Path:
-    """Validate, write, re-parse strictly and compare; the file appears only if all succeed."""
-    path = Path(path)
+def midi_bytes(score: Score, name: str = "the output") -> bytes:
+    """Validate, serialise, re-parse strictly and compare: MIDI bytes that read back as
+    ``score`` (symusic's writer alone would not say when it corrupts something)."""
     validate_score(score)
     data = score.dumps_midi()
     try:
         reread = Score.from_midi(data)
     except RuntimeError as err:
-        raise GenerationError(f"{path}: the written MIDI does not parse back ({err})") from err
+        raise GenerationError(f"{name}: the written MIDI does not parse back ({err})") from err
     written = [(t.program, t.is_drum, t.note_num()) for t in score.tracks if t.note_num()]
     parsed = [(t.program, t.is_drum, t.note_num()) for t in reread.tracks if t.note_num()]
     if sorted(written) != sorted(parsed):
-        raise GenerationError(f"{path}: the written MIDI reads back differently; not written")
+        raise GenerationError(f"{name}: the written MIDI reads back differently; not written")
+    return data
+
+
+def write_midi(score: Score, path: str | Path) -> Path:
+    """:func:`midi_bytes` to ``path``; the file appears only if all checks pass."""
+    path = Path(path)
+    data = midi_bytes(score, str(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + ".partial")
     partial.write_bytes(data)

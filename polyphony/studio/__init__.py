@@ -1,0 +1,1 @@
+"""The web studio's page: index.html, studio.js and studio.css, served by polyphony.serve."""
