@@ -38,7 +38,7 @@ from pathlib import Path
 
 import torch
 
-from polyphony.config import load_config
+from polyphony.config import CPWORD_FIELDS, load_config
 from polyphony.densities import DensityStats
 from polyphony.generation import (
     Checkpoint,
@@ -50,7 +50,7 @@ from polyphony.generation import (
 )
 from polyphony.instruments import DRUMS
 from polyphony.model import PolyphonyGPT
-from polyphony.tokenizer import CPWORD_FIELDS, DecodeError, PolyTokenizer, note_count
+from polyphony.tokenizer import DecodeError, PolyTokenizer, note_count
 
 REPO = Path(__file__).resolve().parents[1]
 INSTRUMENTS = "piano, bass, drums"

@@ -43,7 +43,8 @@ import psutil
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout, uninstalled
 
-MIDI_SUFFIXES = {".mid", ".midi", ".kar"}
+from polyphony.data.midi_input import MIDI_SUFFIXES  # noqa: E402
+
 METHODS = ("polyphony-w0", "polyphony-w1", "polyphony-w2", "miditok-w1", "miditok-w2")
 
 

@@ -43,7 +43,7 @@ from safetensors.torch import save as save_safetensors
 from .model import CheckpointError
 
 CHECKPOINTS_DIR = "checkpoints"
-MANIFEST_FILE = "manifest.json"
+CHECKPOINT_MANIFEST = "manifest.json"
 FORMAT = "polyphony-checkpoint"
 FORMAT_VERSION = 1
 _STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -54,7 +54,7 @@ class CorruptCheckpoint(CheckpointError):
 
 
 @dataclass
-class Checkpoint:
+class TrainingCheckpoint:
     """Everything a run needs to continue exactly where it stopped."""
 
     step: int
@@ -153,7 +153,7 @@ def _json_bytes(value: Any) -> bytes:
     return (json.dumps(value, indent=1, sort_keys=True) + "\n").encode()
 
 
-def checkpoint_files(checkpoint: Checkpoint) -> dict[str, bytes]:
+def checkpoint_files(checkpoint: TrainingCheckpoint) -> dict[str, bytes]:
     """The files of a checkpoint, serialised (manifest excluded)."""
     model_tensors = {
         name: tensor.detach().to("cpu", copy=True).contiguous()
@@ -166,7 +166,7 @@ def checkpoint_files(checkpoint: Checkpoint) -> dict[str, bytes]:
         "state.json": _json_bytes({**checkpoint.state, "step": checkpoint.step}),
         "config.json": _json_bytes(checkpoint.config),
     }
-    clash = sorted(set(checkpoint.extra_files) & (set(files) | {MANIFEST_FILE}))
+    clash = sorted(set(checkpoint.extra_files) & (set(files) | {CHECKPOINT_MANIFEST}))
     if clash:
         raise ValueError(f"extra checkpoint files {clash} would overwrite the checkpoint's own")
     return {**files, **checkpoint.extra_files}
@@ -203,7 +203,10 @@ def checkpoint_dir(run_dir: str | Path, step: int) -> Path:
 
 
 def save_checkpoint(
-    run_dir: str | Path, checkpoint: Checkpoint, keep_last: int = 2, keep_step: int | None = None
+    run_dir: str | Path,
+    checkpoint: TrainingCheckpoint,
+    keep_last: int = 2,
+    keep_step: int | None = None,
 ) -> Path:
     """Write ``checkpoint`` atomically under ``run_dir/checkpoints/``; returns its directory.
     Older ones beyond ``keep_last`` are deleted, except step ``keep_step`` (the best so far,
@@ -235,7 +238,7 @@ def save_checkpoint(
         "step": checkpoint.step,
         "files": entries,
     }
-    _write_synced(temporary / MANIFEST_FILE, _json_bytes(manifest))
+    _write_synced(temporary / CHECKPOINT_MANIFEST, _json_bytes(manifest))
     _fsync_dir(temporary)
     if final.exists():  # an unverifiable leftover of a run that crashed after this step
         _discard(final, root)
@@ -273,9 +276,9 @@ def _stale_checkpoints(root: Path, step: int, keep_last: int) -> list[Path]:
 def verify_checkpoint(path: str | Path) -> dict[str, Any]:
     """Check every file against the manifest; return the manifest or raise CorruptCheckpoint."""
     path = Path(path)
-    manifest_path = path / MANIFEST_FILE
+    manifest_path = path / CHECKPOINT_MANIFEST
     if not manifest_path.is_file():
-        raise CorruptCheckpoint(f"{path}: no {MANIFEST_FILE} (the save did not finish)")
+        raise CorruptCheckpoint(f"{path}: no {CHECKPOINT_MANIFEST} (the save did not finish)")
     try:
         manifest = json.loads(manifest_path.read_text())
         files = manifest["files"]
@@ -318,7 +321,7 @@ def find_latest_checkpoint(run_dir: str | Path) -> tuple[Path | None, list[str]]
     return None, skipped
 
 
-def load_checkpoint(path: str | Path) -> Checkpoint:
+def load_training_checkpoint(path: str | Path) -> TrainingCheckpoint:
     """Verify, then read a checkpoint directory (tensors on the CPU)."""
     path = Path(path)
     manifest = verify_checkpoint(path)
@@ -343,7 +346,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         # Checksums matched, so the writer itself produced this: a bug, not a crash.
         raise CorruptCheckpoint(f"{path}: verified but unreadable ({err})") from err
     extra = {name: (path / name).read_bytes() for name in manifest["files"] if name not in known}
-    return Checkpoint(
+    return TrainingCheckpoint(
         step=int(manifest["step"]),
         model_state=model_state,
         optimizer_state=optimizer_state,

@@ -23,7 +23,8 @@ import yaml
 
 TOKENIZATIONS = ("remi", "cpword")
 REMI_HEADS = ("next_token", "next_instrument", "next_type")
-CPWORD_HEADS = ("family", "position", "pitch", "velocity", "duration", "program", "tempo", "meter")
+# A CPWord compound's fields, in column order; a CPWord model has one head per field.
+CPWORD_FIELDS = ("family", "position", "pitch", "velocity", "duration", "program", "tempo", "meter")
 
 
 class ConfigError(ValueError):
@@ -140,7 +141,7 @@ class Config:
             self.model.tokenization = self.data.tokenization
         if self.model.tokenization == "cpword" and set(self.model.heads) <= set(REMI_HEADS):
             # REMI head names mean nothing to CPWord: one head per compound field instead.
-            self.model.heads = {field: 1.0 for field in CPWORD_HEADS} | {"next_instrument": 0.5}
+            self.model.heads = {field: 1.0 for field in CPWORD_FIELDS} | {"next_instrument": 0.5}
         if self.model.d_model % self.model.n_heads:
             raise ConfigError(
                 f"model.d_model={self.model.d_model} is not divisible by model.n_heads={self.model.n_heads}"

@@ -30,11 +30,11 @@ from pathlib import Path
 
 from symusic import Note, Score, Tempo, TimeSignature, Track
 
+from polyphony.data.midi_input import MIDI_SUFFIXES
 from polyphony.instruments import DRUMS, FAMILIES, GM_NAMES, program_to_instrument
 
 TICKS_PER_QUARTER = 480
 DEFAULT_QPM = 100.0  # music21 scores without a metronome mark
-MIDI_SUFFIXES = (".mid", ".midi", ".kar")
 
 
 class CorpusError(RuntimeError):

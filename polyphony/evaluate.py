@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from polyphony.config import CPWORD_HEADS
+from polyphony.config import CPWORD_FIELDS
 from polyphony.instruments import DRUMS
 from polyphony.metrics import PieceMetricsHook, compute_folder_metrics
 
@@ -132,7 +132,7 @@ def validation_nll(
         }
     # The likelihood of the token stream itself: REMI's next_token head, or the sum of CPWord's
     # field heads (a compound's fields are one event). Auxiliary heads are left out.
-    stream_heads = [h for h in heads if h == "next_token" or h in CPWORD_HEADS]
+    stream_heads = [h for h in heads if h == "next_token" or h in CPWORD_FIELDS]
     result["stream_nll_per_note"] = (
         sum(float(sums[heads.index(h)]) for h in stream_heads) / notes if notes else None
     )

@@ -38,7 +38,7 @@ from miditok.utils import compute_ticks_per_bar
 from symusic import Score, TimeSignature
 from tqdm import tqdm
 
-from .config import DataConfig
+from .config import CPWORD_FIELDS, DataConfig
 from .data.midi_input import MidiInputError, limit_problem, load_midi
 from .densities import DensityError, DensityStats, bins, parse_density, resolve
 from .instruments import DRUMS, GLOBAL_TRACK, instrument_name, parse_instruments
@@ -46,7 +46,6 @@ from .instruments import program_to_instrument as _instrument
 from .metrics import bar_lines, write_request
 from .model import ModelOutput, PolyphonyGPT
 from .tokenizer import (
-    CPWORD_FIELDS,
     TOKENIZER_FILE,
     DecodeError,
     PolyTokenizer,

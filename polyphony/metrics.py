@@ -28,6 +28,7 @@ import numpy as np
 from symusic import Score, TextMeta, TimeUnit
 from tqdm import tqdm
 
+from polyphony.data.midi_input import MIDI_SUFFIXES
 from polyphony.instruments import DRUMS, instrument_name, program_to_instrument
 
 REQUEST_MARKER_PREFIX = "polyphony:instruments="
@@ -41,7 +42,6 @@ GROOVE_STEPS_PER_QUARTER = 12
 # it keeps one bad file from allocating gigabytes of bar grid.
 MAX_BARS = 100_000
 
-MIDI_SUFFIXES = (".mid", ".midi")
 
 # Folders shorter than this finish before a progress bar would tell the user anything.
 PROGRESS_BAR_MIN_FILES = 20

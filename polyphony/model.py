@@ -36,13 +36,11 @@ import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 
-from .config import ConfigError, ModelConfig, model_config_from_dict
+from .config import CPWORD_FIELDS, REMI_HEADS, ConfigError, ModelConfig, model_config_from_dict
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 IGNORE_INDEX = -100
-CPWORD_FIELDS = ("family", "position", "pitch", "velocity", "duration", "program", "tempo", "meter")
-REMI_HEADS = ("next_token", "next_instrument", "next_type")
 # Parameter counts the named configs (configs/<name>.yaml) are tuned to, with the REMI
 # vocabulary of polyphony's tokenizer; tests/test_model.py keeps each within 10%. tiny is a
 # ceiling (CI must train it in seconds), the others are targets.

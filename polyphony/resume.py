@@ -28,11 +28,11 @@ from torch.distributed.checkpoint.state_dict import (
 
 from .checkpoint import (
     CHECKPOINTS_DIR,
-    Checkpoint,
+    TrainingCheckpoint,
     capture_rng_state,
     checkpoint_dir,
     find_latest_checkpoint,
-    load_checkpoint,
+    load_training_checkpoint,
     save_checkpoint,
 )
 from .config import Config, ModelConfig, model_config_from_dict
@@ -120,7 +120,7 @@ def _state_dict_options(**kwargs) -> StateDictOptions:
     return StateDictOptions(full_state_dict=True, **kwargs)
 
 
-def find_resume_checkpoint(run_dir: Path, required: bool, accelerator) -> Checkpoint | None:
+def find_resume_checkpoint(run_dir: Path, required: bool, accelerator) -> TrainingCheckpoint | None:
     """The newest verified checkpoint of ``run_dir`` (warning about skipped ones), or None for a
     fresh run. Refuses to start over when checkpoints exist but none verifies."""
     path, skipped = find_latest_checkpoint(run_dir)
@@ -134,11 +134,11 @@ def find_resume_checkpoint(run_dir: Path, required: bool, accelerator) -> Checkp
         )
     if path is None and required:
         raise ResumeError(f"--resume: no checkpoint in {run_dir / CHECKPOINTS_DIR} to resume from")
-    return load_checkpoint(path) if path is not None else None
+    return load_training_checkpoint(path) if path is not None else None
 
 
 def check_resumable(
-    checkpoint: Checkpoint, cfg: Config, tokenizer_hash: str, data_hash: str
+    checkpoint: TrainingCheckpoint, cfg: Config, tokenizer_hash: str, data_hash: str
 ) -> None:
     if checkpoint.state.get("tokenizer_hash") != tokenizer_hash:
         raise ResumeError(
@@ -183,7 +183,7 @@ def save_training_checkpoint(
     optimizer_state = get_optimizer_state_dict(model, optimizer.optimizer, options=options)
     rng_states = gather_object([capture_rng_state()])  # rank order
     if accelerator.is_main_process:
-        checkpoint = Checkpoint(
+        checkpoint = TrainingCheckpoint(
             step=progress.step,
             model_state=model_state,
             optimizer_state=optimizer_state,
@@ -198,7 +198,7 @@ def save_training_checkpoint(
 
 
 def restore_training_state(
-    accelerator, model, optimizer, checkpoint: Checkpoint, run_info: dict
+    accelerator, model, optimizer, checkpoint: TrainingCheckpoint, run_info: dict
 ) -> Progress:
     """Load weights and optimizer state; return where the run stood. RNG is restored later,
     once the data iterator exists."""
@@ -225,7 +225,7 @@ def restore_training_state(
 def export_release(checkpoint_path: str | Path, out_dir: str | Path) -> Path:
     """Write a release directory from a training checkpoint: model.safetensors, config.json,
     tokenizer.json (what ``PolyphonyGPT.from_pretrained`` loads) and training.json."""
-    checkpoint = load_checkpoint(checkpoint_path)
+    checkpoint = load_training_checkpoint(checkpoint_path)
     model = PolyphonyGPT(model_config_from_dict(checkpoint.config["model"]))
     model.load_state_dict(checkpoint.model_state)
     tokenizer = PolyTokenizer.load(checkpoint.path)

@@ -38,6 +38,7 @@ import numpy as np
 from miditok import REMI, CPWord, MusicTokenizer, TokenizerConfig
 from symusic import Note, Score
 
+from .config import CPWORD_FIELDS
 from .instruments import (
     DRUMS,
     GLOBAL_TRACK,
@@ -63,7 +64,6 @@ TIME_SIGNATURES = {
 DENSITY_EDGES = (0.5, 1.0, 1.5, 2.5, 3.5, 5.0, 7.0, 10.0, 14.0, 20.0, 28.0)
 N_DENSITY_BINS = len(DENSITY_EDGES) + 1
 HEADER_FORMAT = 2  # 1: programs only, per piece; 2: program + density, per window
-CPWORD_FIELDS = ("family", "position", "pitch", "velocity", "duration", "program", "tempo", "meter")
 CPWORD_DENSITY_COLUMN = CPWORD_FIELDS.index("position")  # header rows leave it free
 # Token families of REMI, the targets of the `next_type` head.
 REMI_TOKEN_TYPES = (

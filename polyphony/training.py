@@ -46,7 +46,9 @@ from tqdm.auto import tqdm
 
 from .checkpoint import restore_rng_state
 from .config import Config, DataConfig, TrainConfig
-from .data.dataset import MANIFEST_FILE, DatasetError, WindowDataset, tokenizer_of
+from .data.dataset import DatasetError, WindowDataset, tokenizer_of
+from .data.midi_input import MIDI_SUFFIXES
+from .data.shards import MANIFEST_FILE
 from .densities import DENSITY_FILE, DensityStats
 from .model import PolyphonyGPT
 from .resume import (
@@ -63,7 +65,6 @@ from .tracking import METRICS_FILE, CSVTracker
 
 RELEASE_DIR = "release"  # <out_dir>/release: the exported model, loadable by from_pretrained
 DATA_CACHE_DIR = "data-cache"  # <out_dir>/../data-cache/<name>: raw MIDI folders prepared here
-MIDI_SUFFIXES = (".mid", ".midi", ".kar")
 
 
 class LaunchError(RuntimeError):

@@ -19,11 +19,11 @@ import pytest
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from polyphony.config import DataConfig
+from polyphony.data.midi_input import MIDI_SUFFIXES
 from polyphony.data.prepare import prepare_dataset
 
 FIXTURE_MIDI_DIR = Path(__file__).parent / "fixtures" / "midi"
 PREPARED_FRACTIONS = {"validation_fraction": 0.2, "test_fraction": 0.1}
-MIDI_SUFFIXES = (".mid", ".midi", ".kar")
 
 
 @pytest.fixture(scope="session")

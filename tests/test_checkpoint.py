@@ -18,13 +18,13 @@ import torch
 import torch.nn as nn
 
 from polyphony.checkpoint import (
-    MANIFEST_FILE,
-    Checkpoint,
+    CHECKPOINT_MANIFEST,
     CorruptCheckpoint,
+    TrainingCheckpoint,
     capture_rng_state,
     checkpoint_dir,
     find_latest_checkpoint,
-    load_checkpoint,
+    load_training_checkpoint,
     restore_rng_state,
     save_checkpoint,
     verify_checkpoint,
@@ -66,8 +66,8 @@ def make_run(seed: int = 0):
     return model, optimizer
 
 
-def snapshot(model, optimizer, step: int, **state) -> Checkpoint:
-    return Checkpoint(
+def snapshot(model, optimizer, step: int, **state) -> TrainingCheckpoint:
+    return TrainingCheckpoint(
         step=step,
         model_state=model.state_dict(),
         optimizer_state=optimizer.state_dict(),
@@ -84,7 +84,7 @@ def test_round_trip_continues_training_exactly(tmp_path):
     expected_losses = train_steps(model, optimizer, 4, seed=1)
 
     fresh_model, fresh_optimizer = make_run(seed=99)  # different init: everything must come back
-    checkpoint = load_checkpoint(path)
+    checkpoint = load_training_checkpoint(path)
     fresh_model.load_state_dict(checkpoint.model_state)
     fresh_optimizer.load_state_dict(checkpoint.optimizer_state)
     assert fresh_model.head.weight is fresh_model.embedding.weight  # loading kept the tie
@@ -114,7 +114,7 @@ def test_rng_states_survive_the_files(tmp_path):
     np.random.randn()  # leaves a cached gaussian in numpy's state
     path = save_checkpoint(tmp_path, snapshot(model, optimizer, 1))
     expected = (random.random(), np.random.randn(), torch.rand(2).tolist())
-    restore_rng_state(load_checkpoint(path).rng_states[0])
+    restore_rng_state(load_training_checkpoint(path).rng_states[0])
     assert (random.random(), np.random.randn(), torch.rand(2).tolist()) == expected
 
 
@@ -152,21 +152,21 @@ def test_damaged_newest_checkpoint_is_skipped_with_a_reason(tmp_path, damage):
     elif damage == "delete_file":
         (newest / "rng.safetensors").unlink()
     else:
-        (newest / MANIFEST_FILE).unlink()
+        (newest / CHECKPOINT_MANIFEST).unlink()
 
     with pytest.raises(CorruptCheckpoint):
         verify_checkpoint(newest)
     path, skipped = find_latest_checkpoint(tmp_path)
     assert path == checkpoint_dir(tmp_path, 1)
     assert len(skipped) == 1 and "step_000002" in skipped[0]
-    assert load_checkpoint(path).step == 1
+    assert load_training_checkpoint(path).step == 1
 
 
 def test_saving_after_resuming_from_an_older_step_replaces_the_bad_newer_one(tmp_path):
     model, optimizer = make_run()
     for step in (1, 2, 3):
         save_checkpoint(tmp_path, snapshot(model, optimizer, step), keep_last=3)
-    (checkpoint_dir(tmp_path, 3) / MANIFEST_FILE).unlink()  # step 3 never finished
+    (checkpoint_dir(tmp_path, 3) / CHECKPOINT_MANIFEST).unlink()  # step 3 never finished
     assert find_latest_checkpoint(tmp_path)[0] == checkpoint_dir(tmp_path, 2)
     # The resumed run reaches step 3 again: the unfinished directory is replaced, not kept.
     save_checkpoint(tmp_path, snapshot(model, optimizer, 3), keep_last=3)
@@ -197,16 +197,16 @@ def test_poisoned_pickles_in_a_checkpoint_are_never_executed(tmp_path):
     ):
         (path / name).write_bytes(poison)
     # Even a pickle listed in the manifest (so it verifies) is only ever read as bytes.
-    manifest = json.loads((path / MANIFEST_FILE).read_text())
+    manifest = json.loads((path / CHECKPOINT_MANIFEST).read_text())
     (path / "extra.pkl").write_bytes(poison)
     manifest["files"]["extra.pkl"] = {
         "sha256": hashlib.sha256(poison).hexdigest(),
         "bytes": len(poison),
     }
-    (path / MANIFEST_FILE).write_text(json.dumps(manifest))
+    (path / CHECKPOINT_MANIFEST).write_text(json.dumps(manifest))
 
     found, skipped = find_latest_checkpoint(tmp_path / "run")
-    checkpoint = load_checkpoint(found)
+    checkpoint = load_training_checkpoint(found)
     fresh, _ = make_run(seed=5)
     fresh.load_state_dict(checkpoint.model_state)
     assert found == path and skipped == []
@@ -216,7 +216,7 @@ def test_poisoned_pickles_in_a_checkpoint_are_never_executed(tmp_path):
 
 
 # ----------------------------------------------------------------------------- kills mid-save
-def filled_checkpoint(step: int) -> Checkpoint:
+def filled_checkpoint(step: int) -> TrainingCheckpoint:
     """A checkpoint whose every tensor holds ``step``, so a loaded one can be checked exactly.
     Large enough (about 2 MB) that a save takes a while and kills land inside it."""
     model = nn.Linear(256, 512)
@@ -227,7 +227,7 @@ def filled_checkpoint(step: int) -> Checkpoint:
         optimizer_tensors = [t for state in optimizer.state.values() for t in state.values()]
         for tensor in [*model.state_dict().values(), *optimizer_tensors]:
             tensor.fill_(step)
-    return Checkpoint(
+    return TrainingCheckpoint(
         step, model.state_dict(), optimizer.state_dict(), [capture_rng_state()], {}, {}
     )
 
@@ -258,7 +258,7 @@ def test_kills_at_random_points_of_saving_always_leave_a_verified_checkpoint(tmp
         path, skipped = find_latest_checkpoint(tmp_path)
         interrupted_saves += bool(skipped) or any(name.startswith(".") for name in leftovers)
         assert path is not None, leftovers
-        checkpoint = load_checkpoint(path)
+        checkpoint = load_training_checkpoint(path)
         assert checkpoint.step >= latest_step
         values = [*checkpoint.model_state.values()]
         values += [t for s in checkpoint.optimizer_state["state"].values() for t in s.values()]

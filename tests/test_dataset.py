@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from symusic import Note, Score, Tempo, TimeSignature, Track
 
-from polyphony.config import DataConfig
+from polyphony.config import CPWORD_FIELDS, DataConfig
 from polyphony.data.dataset import (
     SPLITS,
     DatasetError,
@@ -22,7 +22,7 @@ from polyphony.data.dataset import (
 )
 from polyphony.data.prepare import prepare_dataset
 from polyphony.instruments import DRUMS, GLOBAL_TRACK
-from polyphony.tokenizer import CPWORD_FIELDS, PolyTokenizer, density_bin
+from polyphony.tokenizer import PolyTokenizer, density_bin
 
 KINDS = ("remi", "cpword")
 PITCH = CPWORD_FIELDS.index("pitch")

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from polyphony import generate
-from polyphony.checkpoint import MANIFEST_FILE, checkpoint_dir
+from polyphony.checkpoint import CHECKPOINT_MANIFEST, checkpoint_dir
 from polyphony.data.dataset import DatasetError, WindowDataset
 from polyphony.densities import DensityStats
 from polyphony.finetune import finetune, main
@@ -95,7 +95,7 @@ def test_sigkilled_fine_tune_resumes_to_the_uninterrupted_run(prepared_remi, bas
     child = subprocess.Popen(
         command, cwd=REPO, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
     )
-    first = checkpoint_dir(run_dir, 4) / MANIFEST_FILE
+    first = checkpoint_dir(run_dir, 4) / CHECKPOINT_MANIFEST
     deadline = time.monotonic() + 120
     while not first.exists() and child.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)

@@ -27,7 +27,7 @@ from hypothesis import strategies as st
 from symusic import Note, Score, TimeSignature, Track
 from torch.utils.data import DataLoader
 
-from polyphony.config import load_config
+from polyphony.config import CPWORD_FIELDS, load_config
 from polyphony.data.dataset import WindowDataset, tokenizer_of
 from polyphony.densities import DENSITY_FILE, DensityStats
 from polyphony.generation import (
@@ -53,7 +53,7 @@ from polyphony.instruments import DRUMS, GLOBAL_TRACK, instrument_name, program_
 from polyphony.metrics import instrument_fidelity, read_request
 from polyphony.model import PolyphonyGPT
 from polyphony.render import RenderError, find_soundfont, plot_piano_roll, render_wav
-from polyphony.tokenizer import CPWORD_FIELDS, DecodeError, PolyTokenizer, density_bin
+from polyphony.tokenizer import DecodeError, PolyTokenizer, density_bin
 
 REPO = Path(__file__).resolve().parents[1]
 KINDS = ("remi", "cpword")

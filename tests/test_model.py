@@ -10,8 +10,8 @@ import pytest
 import torch
 from symusic import Score
 
-from polyphony.config import ModelConfig, load_config
-from polyphony.model import CPWORD_FIELDS, NAMED_SIZES, CheckpointError, PolyphonyGPT
+from polyphony.config import CPWORD_FIELDS, ModelConfig, load_config
+from polyphony.model import NAMED_SIZES, CheckpointError, PolyphonyGPT
 from polyphony.tokenizer import PolyTokenizer
 
 REPO = Path(__file__).resolve().parents[1]

@@ -18,9 +18,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from symusic import Note, Score, TimeSignature, Track
 
+from polyphony.config import CPWORD_FIELDS
 from polyphony.instruments import DRUMS, GLOBAL_TRACK, program_to_instrument
 from polyphony.tokenizer import (
-    CPWORD_FIELDS,
     DENSITY_EDGES,
     N_DENSITY_BINS,
     DecodeError,

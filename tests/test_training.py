@@ -21,7 +21,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from polyphony.checkpoint import MANIFEST_FILE, checkpoint_dir, load_checkpoint
+from polyphony.checkpoint import CHECKPOINT_MANIFEST, checkpoint_dir, load_training_checkpoint
 from polyphony.config import Config, ModelConfig, TrainConfig, load_config
 from polyphony.data.dataset import WindowDataset
 from polyphony.model import PolyphonyGPT
@@ -256,7 +256,7 @@ def test_resume_after_sigkill_repeats_the_uninterrupted_run(prepared_remi, refer
     child = subprocess.Popen(
         command, cwd=REPO, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
     )
-    first = checkpoint_dir(run_dir, 5) / MANIFEST_FILE
+    first = checkpoint_dir(run_dir, 5) / CHECKPOINT_MANIFEST
     deadline = time.monotonic() + 120
     while not first.exists() and child.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
@@ -293,12 +293,12 @@ def test_resume_refuses_another_tokenizer(prepared_remi, reference_run, tmp_path
     state["tokenizer_hash"] = "0123456789abcdef"
     data = (json.dumps(state) + "\n").encode()
     (newest / "state.json").write_bytes(data)
-    manifest = json.loads((newest / MANIFEST_FILE).read_text())
+    manifest = json.loads((newest / CHECKPOINT_MANIFEST).read_text())
     manifest["files"]["state.json"] = {
         "sha256": hashlib.sha256(data).hexdigest(),
         "bytes": len(data),
     }
-    (newest / MANIFEST_FILE).write_text(json.dumps(manifest))
+    (newest / CHECKPOINT_MANIFEST).write_text(json.dumps(manifest))
     with pytest.raises(ResumeError, match="tokenizer 0123456789abcdef"):
         train(run_config(prepared_remi, run_dir, train__max_steps=25))
 
@@ -323,7 +323,7 @@ def test_export_writes_a_release_from_the_newest_checkpoint(reference_run, tmp_p
     )
     assert code == 0, capsys.readouterr().err
     model = PolyphonyGPT.from_pretrained(tmp_path / "out")
-    saved = load_checkpoint(checkpoint_dir(reference_run, REFERENCE_STEPS)).model_state
+    saved = load_training_checkpoint(checkpoint_dir(reference_run, REFERENCE_STEPS)).model_state
     assert all(torch.equal(tensor, saved[name]) for name, tensor in model.state_dict().items())
     assert json.loads((tmp_path / "out" / "training.json").read_text())["steps"] == REFERENCE_STEPS
 

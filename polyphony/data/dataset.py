@@ -32,18 +32,17 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ..config import DataConfig
+from ..config import CPWORD_FIELDS, DataConfig
 from ..instruments import DRUMS, GLOBAL_TRACK
 from ..tokenizer import (
-    CPWORD_FIELDS,
     HEADER_FORMAT,
     TOKENIZER_FILE,
     PolyTokenizer,
     density_bin,
 )
+from .shards import MANIFEST_FILE
 
 SPLITS = ("train", "validation", "test")
-MANIFEST_FILE = "manifest.json"
 PIECES_FILE = "pieces.jsonl"
 SHARD_FILES = ("ids.npy", "track_ids.npy", "offsets.npy")
 PREPARE_COMMAND = "python -m polyphony.data.prepare MIDI_DIR --out DATASET_DIR --tokenization KIND"

@@ -28,6 +28,7 @@ from symusic import Score
 from ..config import DataConfig
 from ..tokenizer import PolyTokenizer, TokenizationError
 
+MIDI_SUFFIXES = (".mid", ".midi", ".kar")  # what every reader takes as MIDI, in any case
 INT32_MAX = 2**31 - 1
 DEFAULT_MSPQ = 500_000  # microseconds per quarter before the first tempo event (120 qpm)
 

@@ -45,13 +45,11 @@ from ..instruments import instrument_name
 from ..tokenizer import HEADER_FORMAT, PolyTokenizer
 from .cache import FILE_LIMIT_FIELDS, PieceCache, write_text
 from .isolation import run_in_process, run_isolated
-from .midi_input import MidiFile, PieceStats, Skip, Tokenized, limit_problem
-from .shards import ensure_validation, split_of, write_split
+from .midi_input import MIDI_SUFFIXES, MidiFile, PieceStats, Skip, Tokenized, limit_problem
+from .shards import MANIFEST_FILE, ensure_validation, split_of, write_split
 
-MIDI_SUFFIXES = {".mid", ".midi", ".kar"}
 SPLITS = ("train", "validation", "test")
 STAGES = ("read", "validate", "tokenize", "timeout", "crash", "memory", "duplicate")
-MANIFEST_FILE = "manifest.json"
 REPORT_FILE = "report.jsonl"
 FORMAT_VERSION = 1
 # Everything that decides the dataset's content, recorded in the manifest. `workers` is not

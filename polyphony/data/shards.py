@@ -13,6 +13,8 @@ from ..tokenizer import PolyTokenizer
 from .cache import PieceCache, write_atomic, write_text
 from .midi_input import MidiFile, PieceStats
 
+MANIFEST_FILE = "manifest.json"  # a prepared dataset's summary, written last (dataset.py reads it)
+
 
 def split_of(sha256: str, validation_fraction: float, test_fraction: float) -> str:
     """Deterministic split by content hash: a file keeps its split when others are added."""
