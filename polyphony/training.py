@@ -368,7 +368,9 @@ def setup(
         if accelerator.is_main_process:
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
-    densities = DensityStats.of_pieces(tokenizer, train_set.whole_pieces())
+    densities = DensityStats.of_pieces(
+        tokenizer, train_set.whole_pieces(), weights=train_set.piece_weights()
+    )
     if tc.init_from:  # instruments this data lacks keep the trained model's defaults
         densities = densities.falling_back_to(DensityStats.load(tc.init_from))
     last_step = tc.max_steps if stop_at is None else min(stop_at, tc.max_steps)

@@ -382,6 +382,12 @@ def test_sources_are_drawn_in_the_configured_proportions(tmp_path_factory):
     # 4000 draws: one standard deviation of a 0.2 share is 0.0063; allow ~4 of them.
     for source, share in expected.items():
         assert abs(drawn[source] / n_draws - share) < 0.025, (source, drawn)
+    # The density statistics weigh pieces the same way: each source's share split evenly.
+    piece_weights = ds.piece_weights()
+    assert piece_weights.sum() == pytest.approx(1.0)
+    for source, share in expected.items():
+        pieces = [p for p in range(ds.n_pieces) if ds.source_of(p) == source]
+        assert piece_weights[pieces] == pytest.approx([share / len(pieces)] * len(pieces))
 
 
 def test_pieces_are_drawn_in_proportion_to_their_length(tmp_path_factory):

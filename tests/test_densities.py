@@ -33,6 +33,31 @@ def test_quartiles_fall_back_to_the_family_then_to_all_parts():
     assert STATS.default(33) == 5.0
 
 
+def test_an_instrument_of_few_pieces_is_pulled_toward_its_family():
+    """Marimba (12) in 2 pieces at 24 notes per bar, its family (chromatic percussion, 8..15)
+    otherwise at 2: with shrink k the median is (2 * 24 + k * family) / (2 + k)."""
+    values = {12: [24.0, 24.0], 9: [2.0] * 30}
+    plain = DensityStats.measure(values)
+    shrunk = DensityStats.measure(values, shrink=10)
+    family = shrunk.families["family_1"][1]
+    assert plain.default(12) == 24.0
+    assert shrunk.default(12) == pytest.approx((2 * 24 + 10 * family) / 12, abs=1e-3)
+    assert shrunk.default(12) < 6
+    # many pieces barely move: 30 of 32 family values are its own
+    assert shrunk.default(9) == pytest.approx((30 * 2 + 10 * family) / 40, abs=1e-3)
+
+
+def test_weights_count_each_piece_as_its_source_does_in_training():
+    """Two sources: a band piece (weight 0.5) and four chorale voices (0.125 each) for the same
+    program: the weighted median sits between them, a weight-0 source does not count."""
+    values = {91: [6.0, 2.0, 2.0, 2.0, 2.0]}
+    even = DensityStats.measure(values)
+    weighted = DensityStats.measure(values, weights={91: [0.6, 0.1, 0.1, 0.1, 0.1]})
+    assert even.default(91) == 2.0 and weighted.default(91) == 6.0
+    dropped = DensityStats.measure(values, weights={91: [0.0, 1.0, 1.0, 1.0, 1.0]})
+    assert dropped.quartiles(91) == (2.0, 2.0, 2.0) and dropped.pieces[91] == 4
+
+
 def test_the_file_round_trips(tmp_path):
     (tmp_path / DENSITY_FILE).write_text(STATS.to_json())
     assert DensityStats.load(tmp_path) == STATS

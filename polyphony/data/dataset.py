@@ -285,6 +285,16 @@ class WindowDataset(Dataset):
         ids, _ = self.shards
         return np.asarray(ids[self.offsets[piece] : self.offsets[piece + 1]], dtype=np.int64)
 
+    def piece_weights(self) -> np.ndarray:
+        """Each piece's share of training: its source's probability (source_weights) split
+        evenly over the source's pieces (train split only)."""
+        weights = np.zeros(self.n_pieces)
+        for pieces, probability in zip(
+            self._pieces_of_source, self._active_probabilities, strict=True
+        ):
+            weights[pieces] = probability / len(pieces)
+        return weights
+
     def whole_pieces(self):
         """``(ids, track_ids, header_length)`` of every piece, as stored (for statistics)."""
         ids, track_ids = self.shards
