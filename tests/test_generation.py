@@ -35,8 +35,6 @@ from polyphony.generation import (
     RemiGrammar,
     RowState,
     Sampling,
-    _end_at_bar_line,
-    _windows,
     bar_line_ends_piece,
     generate,
     grammar_for,
@@ -49,6 +47,8 @@ from polyphony.generation import (
     validate_score,
     write_midi,
 )
+from polyphony.generation.decode import _windows
+from polyphony.generation.output import _end_at_bar_line
 from polyphony.instruments import DRUMS, GLOBAL_TRACK, instrument_name, program_to_instrument
 from polyphony.metrics import instrument_fidelity, read_request
 from polyphony.model import PolyphonyGPT

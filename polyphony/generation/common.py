@@ -1,0 +1,39 @@
+"""Shared by the generation modules: the error type, the defaults and the limits of one request."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..config import CPWORD_FIELDS
+from ..instruments import GLOBAL_TRACK
+
+DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[2] / "checkpoints" / "polyphony-mini"
+DEFAULT_BARS = 16
+# Density steering (Sampling.steer), chosen on held-out band excerpts (docs/generation.md).
+DEFAULT_STEER = 3.0
+# A MIDI file has 16 channels and channel 10 is the drum kit.
+MAX_PITCHED_INSTRUMENTS = 15
+# Default token budget (--max-tokens): generous for dense parts, so it only stops a model that
+# never ends; a normal piece ends on its own when the bar budget is used up.
+TOKENS_PER_BAR_PER_INSTRUMENT = 96
+# Tokens a row needs to close a piece besides the missing instruments' notes: in the worst case
+# a TimeSig, a Position and its first Tempo, then EOS.
+CLOSING_TOKENS = 4
+# Notes one instrument may start at one position: real chords stay far below (8 at most in the
+# test fixtures); a model stuck repeating itself at one onset is sent on.
+MAX_NOTES_PER_ONSET = 16
+# When the context is full, this share of it is kept (from a bar line) and the rest refilled.
+CONTEXT_KEPT = 0.75
+# symusic wraps larger delta times silently when writing (LIBRARY_NOTES §1).
+MAX_TICK = 2**28 - 1
+# The most tokens of a user's file one request reads (prompt) or forces (arrangement): each
+# costs a grammar step and a model step, ~5 ms here, so about 3 minutes at most.
+MAX_INPUT_TOKENS = 32_768
+MAX_BARS = 512  # the longest piece one request reads, writes or arranges (~17 min at 120 bpm)
+N_TRACK_COLUMNS = GLOBAL_TRACK + 1  # played/allowed tables: instruments 0..128 + unused 129
+
+FIELD = {name: column for column, name in enumerate(CPWORD_FIELDS)}
+
+
+class GenerationError(ValueError):
+    """A request that cannot be generated; the one-line message names the input and the fix."""

@@ -1,0 +1,188 @@
+"""The decode loop: prefill, decode one token per step for every row, refill a full context."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from ..instruments import GLOBAL_TRACK
+from ..model import ModelOutput, PolyphonyGPT
+from .common import CONTEXT_KEPT, GenerationError
+from .grammar import Grammar
+from .plan import Plan
+from .sampling import Sampling
+from .state import Constraints, RowState
+
+
+class CachedContext:
+    """``prefill`` a right-padded batch of windows, then one ``decode_step`` per token."""
+
+    def __init__(self, model: PolyphonyGPT, batch: int):
+        self.model = model
+        model.setup_cache(batch, model.config.max_seq_len)
+
+    def start(self, ids, tracks, lengths) -> ModelOutput:
+        return self.model.prefill(ids, tracks, lengths)
+
+    def step(self, tokens, tracks) -> ModelOutput:
+        return self.model.decode_step(tokens, tracks)
+
+
+class FullForwardContext:
+    """The same windows recomputed with a full forward per token: slow, the cache's reference."""
+
+    def __init__(self, model: PolyphonyGPT, batch: int):
+        self.model = model
+
+    def start(self, ids, tracks, lengths) -> ModelOutput:
+        self.ids, self.tracks = ids.clone(), tracks.clone()
+        self.lengths = lengths.clone()
+        return self._last()
+
+    def step(self, tokens, tracks) -> ModelOutput:
+        rows = torch.arange(len(tokens), device=tokens.device)
+        width = int(self.lengths.max()) + 1
+        if width > self.ids.shape[1]:
+            grow = width - self.ids.shape[1]
+            self.ids = torch.cat(
+                [self.ids, self.ids[:, -1:].expand(-1, grow, *self.ids.shape[2:])], 1
+            )
+            self.tracks = torch.cat([self.tracks, self.tracks[:, -1:].expand(-1, grow)], 1)
+        self.ids[rows, self.lengths] = tokens
+        self.tracks[rows, self.lengths] = tracks
+        self.lengths += 1
+        return self._last()
+
+    def _last(self) -> ModelOutput:
+        width = int(self.lengths.max())
+        out = self.model(self.ids[:, :width], self.tracks[:, :width])
+        rows = torch.arange(len(self.lengths), device=self.lengths.device)
+        last = self.lengths - 1
+        logits = {name: value[rows, last] for name, value in out.logits.items()}
+        return ModelOutput(logits=logits, hidden=out.hidden[rows, last])
+
+
+def _windows(ids: torch.Tensor, tracks: torch.Tensor, header_length: int, keep: int, grammar):
+    """Header + the last ``keep`` body tokens of every row, starting at a bar line where one is
+    in reach (as training windows do); right-padded ``(ids, tracks, lengths)``."""
+    total = ids.shape[1]
+    body_keep = keep - header_length
+    if total <= keep:
+        lengths = torch.full((len(ids),), total, dtype=torch.long, device=ids.device)
+        return ids, tracks, lengths
+    bars = grammar.bar_of(ids[:, total - body_keep :].cpu().numpy())
+    rows_ids, rows_tracks = [], []
+    for row in range(len(ids)):
+        first_bar = np.flatnonzero(bars[row])
+        start = total - body_keep + (int(first_bar[0]) if len(first_bar) else 0)
+        rows_ids.append(torch.cat([ids[row, :header_length], ids[row, start:]]))
+        rows_tracks.append(torch.cat([tracks[row, :header_length], tracks[row, start:]]))
+    lengths = torch.tensor([len(r) for r in rows_ids], dtype=torch.long, device=ids.device)
+    width = int(lengths.max())
+    padded = (
+        grammar.padding(len(ids), ids.device)[:, None].expand(-1, width, *ids.shape[2:]).clone()
+    )
+    padded_tracks = torch.full((len(ids), width), GLOBAL_TRACK, dtype=torch.long, device=ids.device)
+    for row, (row_ids, row_tracks) in enumerate(zip(rows_ids, rows_tracks, strict=True)):
+        padded[row, : len(row_ids)] = row_ids
+        padded_tracks[row, : len(row_tracks)] = row_tracks
+    return padded, padded_tracks, lengths
+
+
+@torch.inference_mode()
+def _decode(
+    model: PolyphonyGPT,
+    grammar: Grammar,
+    plan: Plan,
+    constraints: Constraints,
+    sampling: Sampling,
+    batch: int,
+    generator: torch.Generator,
+    use_cache: bool,
+    progress: bool,
+    time_limit: float | None = None,
+) -> list[np.ndarray]:
+    """Sample ``batch`` continuations of ``plan``'s prompt; returns each row's ids (prompt, new
+    tokens, EOS). Past ``time_limit`` seconds it stops with a GenerationError."""
+    deadline = time.monotonic() + time_limit if time_limit is not None else float("inf")
+
+    def check_time() -> None:
+        if time.monotonic() > deadline:
+            raise GenerationError(
+                f"{plan.source or 'generation'}: stopped after the time limit of {time_limit:g} "
+                "s; ask for fewer bars or instruments, a shorter input, or a longer limit "
+                "(--time-limit)"
+            )
+
+    device = generator.device
+    prompt = np.concatenate([plan.header, plan.prompt_body])
+    prompt_tracks = grammar.tokenizer.track_ids(prompt)
+    state = RowState.start(batch, grammar.START, device)
+    replay = Constraints(constraints.allowed, constraints.required, constraints.target_bars, 0)
+    for index, token in enumerate(torch.as_tensor(plan.prompt_body, device=device)):
+        grammar.advance(state, token.expand(batch, *token.shape), replay)
+        if index % 256 == 0:
+            check_time()
+    state.new_tokens.zero_()
+    state.notes.zero_()
+    state.first_bar.copy_(state.bars)
+    if constraints.existing is not None:
+        state.tempo.fill_(constraints.existing.initial_tempo)
+
+    ids = torch.as_tensor(prompt, device=device).expand(batch, *prompt.shape).clone()
+    tracks = torch.as_tensor(prompt_tracks, device=device).expand(batch, -1).clone()
+    capacity = model.config.max_seq_len
+    keep = int(capacity * CONTEXT_KEPT)
+    context = (CachedContext if use_cache else FullForwardContext)(model, batch)
+    header_length = len(plan.header)
+    # A prompt that fits is used whole; a longer one is cut like a full context.
+    window = _windows(
+        ids, tracks, header_length, capacity if len(prompt) <= capacity else keep, grammar
+    )
+    out = context.start(*window)
+    context_length = int(window[2].max())
+
+    new_ids, new_tracks = [], []
+    existing = constraints.existing.length if constraints.existing is not None else 0
+    bar = tqdm(total=constraints.target_bars, unit="bar", disable=not progress, leave=False)
+    bar.update(int(state.bars.min()))
+    for _ in range(constraints.max_new_tokens + existing + 1):
+        check_time()
+        tokens = grammar.choose(out, model, state, constraints, sampling, generator)
+        token_tracks = grammar.advance(state, tokens, constraints)
+        new_ids.append(tokens)
+        new_tracks.append(token_tracks)
+        if progress:
+            bar.update(int(state.bars.min()) - bar.n)
+        if bool((state.grammar == grammar.END).all()):
+            break
+        if context_length >= capacity:
+            ids = torch.cat([ids, torch.stack(new_ids, 1)], 1)
+            tracks = torch.cat([tracks, torch.stack(new_tracks, 1)], 1)
+            new_ids, new_tracks = [], []
+            window = _windows(ids, tracks, header_length, keep, grammar)
+            out = context.start(*window)
+            context_length = int(window[2].max())
+        else:
+            out = context.step(tokens, token_tracks)
+            context_length += 1
+    bar.close()
+    if new_ids:
+        ids = torch.cat([ids, torch.stack(new_ids, 1)], 1)
+    rows = []
+    for row in ids.cpu().numpy():
+        first = row if row.ndim == 1 else row[:, 0]
+        ends = np.flatnonzero(first[len(prompt) :] == grammar.eos_id)
+        rows.append(row[: len(prompt) + int(ends[0]) + 1] if len(ends) else row)
+    return rows
+
+
+def compile_decoder(model: PolyphonyGPT) -> None:
+    """torch.compile each decoder block, once (dynamic shapes: the cache grows every step)."""
+    if not getattr(model, "_blocks_compiled", False):
+        for block in model.blocks:
+            block.compile(dynamic=True)
+        model._blocks_compiled = True

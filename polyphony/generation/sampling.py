@@ -1,0 +1,141 @@
+"""Logits -> probabilities -> a sampled token: temperature, top-k, top-p, per CPWord field."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..config import CPWORD_FIELDS
+from .common import DEFAULT_STEER, GenerationError
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How the next token is drawn from the (masked) logits.
+
+    ``temperature`` 0 is greedy. ``top_k`` 0 and ``top_p`` 1.0 are off. CPWord models draw each
+    field of a compound separately; ``field_temperature`` overrides the temperature per field
+    (``{"pitch": 0.9, "duration": 0.8}``).
+    """
+
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    field_temperature: dict[str, float] = field(default_factory=dict)
+    steer: float = DEFAULT_STEER  # at most this many nats on an instrument's Program logit
+
+    def check(self, tokenization: str) -> Sampling:
+        if self.temperature < 0:
+            raise GenerationError(f"temperature={self.temperature}: must be >= 0 (0 = greedy)")
+        if self.top_k < 0:
+            raise GenerationError(f"top_k={self.top_k}: must be >= 0 (0 = off)")
+        if not 0 < self.top_p <= 1:
+            raise GenerationError(f"top_p={self.top_p}: must be in (0, 1] (1 = off)")
+        if not 0 <= self.steer <= 20:
+            raise GenerationError(f"steer={self.steer}: must be in 0..20 (nats; 0 = off)")
+        if self.field_temperature and tokenization != "cpword":
+            raise GenerationError(
+                "field temperatures apply to CPWord models (one distribution per field); this "
+                "model is REMI: use --temperature"
+            )
+        for name, value in self.field_temperature.items():
+            if name not in CPWORD_FIELDS:
+                raise GenerationError(
+                    f"unknown field {name!r} in field temperatures: use {', '.join(CPWORD_FIELDS)}"
+                )
+            if value < 0:
+                raise GenerationError(f"field temperature {name}={value}: must be >= 0")
+        return self
+
+    def of(self, name: str) -> float:
+        return self.field_temperature.get(name, self.temperature)
+
+
+def parse_field_temperature(text: str | None) -> dict[str, float]:
+    """``"pitch=0.9,duration=0.8"`` -> ``{"pitch": 0.9, "duration": 0.8}``."""
+    values: dict[str, float] = {}
+    for item in (text or "").split(","):
+        if not item.strip():
+            continue
+        name, _, value = item.partition("=")
+        try:
+            values[name.strip()] = float(value)
+        except ValueError:
+            raise GenerationError(
+                f"field temperature {item.strip()!r}: expected FIELD=VALUE, e.g. pitch=0.9"
+            ) from None
+    return values
+
+
+def sample(
+    logits: torch.Tensor,
+    allowed: torch.Tensor,
+    temperature: float | torch.Tensor,
+    top_k: int,
+    top_p: float,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """One id per row from ``logits [N, V]`` restricted to ``allowed [N, V]``.
+
+    ``temperature`` is one number or one per row (0 = greedy). Rows with nothing allowed (a
+    field a compound does not use this step) get id 0; the grammar checks that every choice a
+    row does use has at least one legal id.
+    """
+    logits = logits.float().masked_fill(~allowed, float("-inf"))
+    logits[:, :1] = logits[:, :1].masked_fill(~allowed.any(-1, keepdim=True), 0.0)
+    per_row = isinstance(temperature, torch.Tensor)
+    if not per_row and temperature == 0:
+        return logits.argmax(-1)
+    greedy = logits.argmax(-1) if per_row else None
+    scale = temperature.clamp(min=1e-6)[:, None] if per_row else temperature
+    logits = logits / scale
+    if 0 < top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = logits.softmax(-1)
+    if top_p < 1:
+        sorted_probs, order = probs.sort(-1, descending=True)
+        # Drop a token when the more likely ones already hold top_p; the first always stays.
+        drop_sorted = sorted_probs.cumsum(-1) - sorted_probs > top_p
+        probs = probs.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), 0.0)
+    drawn = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return torch.where(temperature == 0, greedy, drawn) if per_row else drawn
+
+
+def bar_line_ends_piece(
+    logits: torch.Tensor, rows: torch.Tensor, bar_id: int, eos_id: int
+) -> torch.Tensor:
+    """In ``rows`` (in the last bar, free to end) the model's wish to draw the next bar line is a
+    wish to end: the bar line's probability moves to EOS. Without this a model that would close
+    the bar can only add notes until it happens to draw EOS, and last bars come out several
+    times denser than the rest."""
+    merged = torch.logaddexp(logits[:, eos_id], logits[:, bar_id])
+    logits = logits.clone()
+    logits[:, eos_id] = torch.where(rows, merged, logits[:, eos_id])
+    return logits
+
+
+def sample_fields(
+    logits: dict[str, torch.Tensor],
+    allowed: dict[str, torch.Tensor],
+    sampling: Sampling,
+    generator: torch.Generator,
+) -> dict[str, torch.Tensor]:
+    """Draw several CPWord fields at once: their logits are padded to one width and sampled as
+    rows of one batch (one softmax and one multinomial instead of one per field)."""
+    names = list(logits)
+    batch, width = len(logits[names[0]]), max(v.shape[-1] for v in logits.values())
+    device = logits[names[0]].device
+    stacked = torch.zeros(batch, len(names), width, device=device)
+    legal = torch.zeros(batch, len(names), width, dtype=torch.bool, device=device)
+    for column, name in enumerate(names):
+        size = logits[name].shape[-1]
+        stacked[:, column, :size] = logits[name]
+        legal[:, column, :size] = allowed[name]
+    temperature = torch.tensor([sampling.of(n) for n in names], device=device).repeat(batch)
+    ids = sample(
+        stacked.view(-1, width), legal.view(-1, width), temperature, sampling.top_k,
+        sampling.top_p, generator,
+    ).view(batch, len(names))  # fmt: skip
+    return {name: ids[:, column] for column, name in enumerate(names)}

@@ -1,0 +1,165 @@
+"""What each row has written so far (RowState), and what the request demands of it (Constraints)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from miditok.utils import compute_ticks_per_bar
+from symusic import TimeSignature
+
+from ..instruments import GLOBAL_TRACK
+from ..tokenizer import (
+    PolyTokenizer,
+)
+from .common import CLOSING_TOKENS, MAX_NOTES_PER_ONSET, N_TRACK_COLUMNS
+
+
+@dataclass
+class RowState:
+    """The constraints' view of every row, as ``[B]`` tensors on the model's device."""
+
+    grammar: torch.Tensor  # grammar state (the grammar class's constants)
+    position: torch.Tensor  # position in the current bar, -1 before the bar's first Position
+    positions_per_bar: torch.Tensor  # from the bar's time signature
+    bars: torch.Tensor  # Bar tokens so far, prompt included
+    instrument: torch.Tensor  # REMI: instrument of the note being written
+    tempo: torch.Tensor  # last tempo token (REMI) / tempo field value (CPWord); -1 before any
+    played: torch.Tensor  # [B, 130] bool: instruments that have started a note
+    notes: torch.Tensor  # [B, 130] notes each instrument started since the new tokens began
+    first_bar: torch.Tensor  # bars before the new tokens (the prompt's)
+    onsets: torch.Tensor  # [B, 130, 128] bool: pitches each instrument started at this position
+    new_tokens: torch.Tensor  # tokens the model chose (forced and prompt tokens excluded)
+    cursor: torch.Tensor  # arrangement: index of the next existing token
+    after_existing: torch.Tensor  # arrangement: the last token was an existing one
+
+    @classmethod
+    def start(cls, batch: int, grammar_state: int, device: torch.device) -> RowState:
+        def full(value, dtype=torch.long):
+            return torch.full((batch,), value, dtype=dtype, device=device)
+
+        return cls(
+            grammar=full(grammar_state),
+            position=full(-1),
+            positions_per_bar=full(0),
+            bars=full(0),
+            instrument=full(GLOBAL_TRACK),
+            tempo=full(-1),
+            played=torch.zeros(batch, N_TRACK_COLUMNS, dtype=torch.bool, device=device),
+            notes=torch.zeros(batch, N_TRACK_COLUMNS, dtype=torch.long, device=device),
+            first_bar=full(0),
+            onsets=torch.zeros(batch, N_TRACK_COLUMNS, 128, dtype=torch.bool, device=device),
+            new_tokens=full(0),
+            cursor=full(0),
+            after_existing=full(False, torch.bool),
+        )
+
+    def mark_played(self, instruments: torch.Tensor, started: torch.Tensor) -> None:
+        rows = torch.arange(len(instruments), device=instruments.device)
+        self.played[rows, instruments] |= started
+        self.notes[rows, instruments] += started
+
+    def steering(self, targets: torch.Tensor, strength: float) -> torch.Tensor:
+        """``[B, 130]`` logit bonus per instrument: ``strength`` x tanh of how far its notes lag
+        behind (or run ahead of, negative) its target notes per bar over the bars written."""
+        bars = (self.bars - self.first_bar - 1).clamp(min=0) + (self.position + 1).clamp(
+            min=0
+        ) / self.positions_per_bar.clamp(min=1)
+        expected = targets[None, :] * bars[:, None]
+        return strength * torch.tanh((expected - self.notes) / (2.0 + targets[None, :]))
+
+    def mark_onset(self, moved: torch.Tensor, instruments, pitches, started) -> None:
+        """A new Position or Bar (``moved``) clears a row's onsets; a note adds its pitch."""
+        self.onsets &= ~moved[:, None, None]
+        rows = torch.arange(len(instruments), device=instruments.device)
+        self.onsets[rows, instruments, pitches.clamp(0, 127)] |= started
+
+    def chord_full(self) -> torch.Tensor:
+        """``[B, 130]``: instruments that started MAX_NOTES_PER_ONSET notes at this position."""
+        return self.onsets.sum(-1) >= MAX_NOTES_PER_ONSET
+
+    def onset_order(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Where the canonical order stands at this position (tokenizer.canonical_score: header
+        order, then pitch ascending): the last instrument that started a note here ``[B]`` and
+        each instrument's highest pitch here ``[B, 130]``, -1 where none."""
+        columns = torch.arange(N_TRACK_COLUMNS, device=self.onsets.device)
+        last = torch.where(self.onsets.any(-1), columns, -1).max(-1).values
+        pitches = torch.arange(128, device=self.onsets.device)
+        return last, torch.where(self.onsets, pitches, -1).max(-1).values
+
+
+@dataclass
+class ExistingStream:
+    """The piece being arranged, as tokens to force; row ``length`` is a PAD sentinel."""
+
+    ids: torch.Tensor  # [L + 1] REMI / [L + 1, 8] CPWord
+    length: int
+    glued: torch.Tensor  # [L + 1] bool: token i must directly follow token i - 1 (REMI)
+    insert_below: torch.Tensor  # [L + 1]: a Position inserted before token i must be below this
+    # CPWord: the piece's first tempo, carried by Positions the model inserts before it; REMI:
+    # -1 (inserted Positions wait for the piece's first Tempo token).
+    initial_tempo: int = -1
+
+
+@dataclass
+class Constraints:
+    allowed: torch.Tensor  # [130] bool: instruments the model may start notes for
+    required: torch.Tensor  # [130] bool: instruments that must play before the end
+    target_bars: int  # bars of the finished piece (prompt included)
+    max_new_tokens: int  # tokens the model may choose (forced tokens excluded)
+    tempo: int | None = None  # fixed tempo: token id (REMI) / tempo field value (CPWord)
+    time_signature: int | None = None  # fixed meter: token id / meter field value
+    existing: ExistingStream | None = None
+    targets: torch.Tensor | None = None  # [130] notes per bar asked of each instrument
+    # grammar_violations: any instrument's first note may break the onset order (the decoder
+    # allows it to a missing instrument it forces in, under a budget the checker cannot know).
+    entries_unordered: bool = False
+    tables: dict[str, torch.Tensor] = field(default_factory=dict)  # built by the grammar, cached
+
+
+@dataclass
+class Budget:
+    """Per row: which requested instruments have not played yet, and how close the end is."""
+
+    missing: torch.Tensor  # [B, 130] bool
+    complete: torch.Tensor  # nothing missing
+    urgent: torch.Tensor  # the token budget only just covers the missing notes and a close
+    closing: torch.Tensor  # urgent, or in the last bar: no new bar, EOS once complete
+    must_finish: torch.Tensor  # urgent and complete: end as soon as the grammar allows
+
+    @classmethod
+    def of(cls, s: RowState, c: Constraints, note_cost: int) -> Budget:
+        missing = c.required & ~s.played
+        n_missing = missing.sum(-1)
+        left = c.max_new_tokens - s.new_tokens
+        urgent = left <= note_cost * n_missing.clamp(min=1) + CLOSING_TOKENS
+        complete = n_missing == 0
+        closing = urgent | (s.bars >= c.target_bars)
+        return cls(missing, complete, urgent, closing, urgent & complete)
+
+
+def _one_hot(ids: torch.Tensor, size: int) -> torch.Tensor:
+    hot = torch.zeros(len(ids), size, dtype=torch.bool, device=ids.device)
+    hot[torch.arange(len(ids), device=ids.device), ids.clamp(0, size - 1)] = True
+    return hot
+
+
+def _check_choices(allowed: torch.Tensor, s: RowState, end_state: int) -> None:
+    """Every unfinished row must have a legal token; an empty row is a bug in the rules."""
+    stuck = ~allowed.any(-1) & (s.grammar != end_state)
+    if bool(stuck.any()):
+        row = int(stuck.nonzero()[0, 0])
+        raise RuntimeError(
+            f"generation constraints left row {row} without a legal token (grammar state "
+            f"{int(s.grammar[row])}, bar {int(s.bars[row])}); please report this with the command"
+        )
+
+
+def positions_per_bar(tokenizer: PolyTokenizer, meter: str) -> int:
+    """Positions in a bar of ``meter`` ("6/8"), as miditok's REMI and CPWord decoders count
+    them (a beat is the meter's denominator note, ``max_num_pos_per_beat`` positions each)."""
+    numerator, denominator = (int(x) for x in meter.split("/"))
+    midi = tokenizer.miditok
+    ticks_per_position = midi._tpb_per_ts[denominator] // midi.config.max_num_pos_per_beat
+    bar = compute_ticks_per_bar(TimeSignature(0, numerator, denominator), midi.time_division)
+    return bar // ticks_per_position
