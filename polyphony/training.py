@@ -220,13 +220,16 @@ def evaluate(
 
 
 def evaluation_loader(dataset: WindowDataset, cfg: TrainConfig, accelerator) -> DataLoader:
-    """The first ``eval_batches`` global batches of validation windows, split across ranks by
-    hand (not ``prepare``): accelerate pads uneven shards with repeated windows, which would
-    change the loss; here every rank gets the same number of distinct windows."""
+    """``eval_batches`` global batches of validation windows spread evenly over the split (the
+    first ones would be the first pieces by hash only: measured here, 0.98 nats against 1.93 over
+    every window), split across ranks by hand (not ``prepare``): accelerate pads uneven shards
+    with repeated windows, which would change the loss; here every rank gets the same number of
+    distinct windows."""
     world = accelerator.num_processes
     n_windows = min(len(dataset), cfg.eval_batches * cfg.batch_size * world)
     n_windows -= n_windows % world
-    shard = Subset(dataset, range(accelerator.process_index, n_windows, world))
+    spread = [len(dataset) * i // max(n_windows, 1) for i in range(n_windows)]
+    shard = Subset(dataset, spread[accelerator.process_index :: world])
     # Its own generator: iterating must not draw from the global RNG, or evaluating (at the
     # stop step of an interrupted run, say) would change the dropout of the steps after it.
     return DataLoader(
