@@ -19,6 +19,7 @@ from pathlib import Path
 from polyphony.generation import (
     DEFAULT_CHECKPOINT,
     DEFAULT_STEER,
+    DEFAULT_TOP_P,
     GenerationError,
     generate,
     output_paths,
@@ -61,7 +62,12 @@ def build_parser() -> argparse.ArgumentParser:
     how = parser.add_argument_group("sampling")
     how.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (default 1.0)")
     how.add_argument("--top-k", type=int, default=0, help="keep the k likeliest tokens (0 = off)")
-    how.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (1.0 = off)")
+    how.add_argument(
+        "--top-p",
+        type=float,
+        default=DEFAULT_TOP_P,
+        help=f"nucleus sampling (default {DEFAULT_TOP_P:g}; 1.0 = off)",
+    )
     how.add_argument(
         "--field-temperature",
         metavar="F=T,...",

@@ -7,8 +7,8 @@ measured on the window; in generation it comes from the request:
 * a level, ``sparse`` / ``medium`` / ``dense``: that instrument's lower quartile, median and
   upper quartile in the training data;
 * nothing: the instrument's median in the training data (its GM family's, then all parts',
-  when the training data never had it), or, for a track of a prompt or an arranged piece,
-  what it plays there.
+  when the training data never had it), at least ``MIN_DEFAULT``; or, for a track of a
+  prompt or an arranged piece, what it plays there.
 
 The statistics are measured once per training run on the train split (per piece: notes per bar
 of each instrument over the whole piece) and saved as ``densities.json`` beside the model, so
@@ -38,6 +38,10 @@ from .tokenizer import DENSITY_EDGES, PolyTokenizer, density_bin
 DENSITY_FILE = "densities.json"
 LEVELS = ("sparse", "medium", "dense")  # lower quartile, median, upper quartile
 SHRINK_PIECES = 10.0  # pieces' worth of family evidence added to each instrument's own
+# An unrequested part plays at least this much: someone who names an instrument wants to hear
+# it, and the training medians of sound effects and percussion (0.04-0.4 notes per bar, rests
+# included) would leave it nearly silent. A request or a prompt's own track may ask for less.
+MIN_DEFAULT = 1.0
 
 
 class DensityError(ValueError):
@@ -244,7 +248,7 @@ def resolve(
     measured: Mapping[int, float] | None = None,
 ) -> dict[int, float]:
     """Notes per bar for each instrument: requested, else measured (prompt/arranged tracks),
-    else the training data's median."""
+    else the training data's median (at least MIN_DEFAULT)."""
     instruments = list(instruments)
     stray = [i for i in requested if i not in instruments]
     if stray:
@@ -256,7 +260,7 @@ def resolve(
         if isinstance(value, str):
             value = level_value(stats.quartiles(instrument), value)
         elif value is None:
-            value = (measured or {}).get(instrument, stats.default(instrument))
+            value = (measured or {}).get(instrument, max(stats.default(instrument), MIN_DEFAULT))
         targets[instrument] = float(value)
     return targets
 

@@ -42,7 +42,7 @@ except ImportError as err:  # an optional extra
     raise ImportError('the studio needs its extra: pip install -e ".[studio]"') from err
 
 from .data.midi_input import MidiInputError, load_midi
-from .generation import GenerationError, generate, load_checkpoint, midi_bytes
+from .generation import DEFAULT_TOP_P, GenerationError, generate, load_checkpoint, midi_bytes
 from .instruments import ALIASES, DRUMS, GM_NAMES, InstrumentError, instrument_name
 from .metrics import bar_lines
 
@@ -132,7 +132,7 @@ class Options(BaseModel):
     time_signature: str | None = None
     density: str | dict[str, str | float] | None = None
     temperature: float = 1.0
-    top_p: float = 1.0
+    top_p: float = DEFAULT_TOP_P
     seed: int | None = None
 
 
@@ -211,7 +211,7 @@ def create_app(checkpoint: str | Path | None = None, time_limit: float = TIME_LI
         instruments: Annotated[str | None, Form()] = None,
         density: Annotated[str | None, Form()] = None,
         temperature: Annotated[float, Form()] = 1.0,
-        top_p: Annotated[float, Form()] = 1.0,
+        top_p: Annotated[float, Form()] = DEFAULT_TOP_P,
         seed: Annotated[int | None, Form()] = None,
     ):
         prompt = await upload(file)
@@ -228,7 +228,7 @@ def create_app(checkpoint: str | Path | None = None, time_limit: float = TIME_LI
         add: Annotated[str, Form()],
         density: Annotated[str | None, Form()] = None,
         temperature: Annotated[float, Form()] = 1.0,
-        top_p: Annotated[float, Form()] = 1.0,
+        top_p: Annotated[float, Form()] = DEFAULT_TOP_P,
         seed: Annotated[int | None, Form()] = None,
     ):
         piece = await upload(file)

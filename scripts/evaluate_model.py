@@ -26,7 +26,7 @@ from pathlib import Path
 
 from polyphony import parts
 from polyphony.evaluate import evaluate_model, format_nll, format_table, validation_nll
-from polyphony.generation import load_checkpoint
+from polyphony.generation import DEFAULT_TOP_P, load_checkpoint
 
 
 def main() -> None:
@@ -39,7 +39,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--requests", choices=["random", "validation"], default="random")
     parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--top-p", type=float, default=DEFAULT_TOP_P)
     parser.add_argument("--nll", action="store_true", help="also score the validation split")
     parser.add_argument("--parts", action="store_true", help="the full-parts checks instead")
     parser.add_argument("--per-piece", type=int, default=4, help="--parts: excerpts per piece")

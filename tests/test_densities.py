@@ -58,6 +58,13 @@ def test_weights_count_each_piece_as_its_source_does_in_training():
     assert dropped.quartiles(91) == (2.0, 2.0, 2.0) and dropped.pieces[91] == 4
 
 
+def test_a_default_is_at_least_one_note_per_bar_but_a_request_may_ask_for_less():
+    stats = DensityStats.measure({119: [0.1, 0.1, 0.2], 0: [6.0]})  # a reverse cymbal, a piano
+    assert resolve(stats, [119, 0], {}) == {119: 1.0, 0: 6.0}
+    assert resolve(stats, [119], {119: 0.25}) == {119: 0.25}
+    assert resolve(stats, [119], {}, measured={119: 0.1}) == {119: 0.1}
+
+
 def test_the_file_round_trips(tmp_path):
     (tmp_path / DENSITY_FILE).write_text(STATS.to_json())
     assert DensityStats.load(tmp_path) == STATS

@@ -32,7 +32,7 @@ The package reads like gpt-fast's ``generate.py`` ladder, one concern a module:
 """
 
 from .api import generate, sample_tokens
-from .common import DEFAULT_CHECKPOINT, DEFAULT_STEER, GenerationError
+from .common import DEFAULT_CHECKPOINT, DEFAULT_STEER, DEFAULT_TOP_P, GenerationError
 from .cpword import CPWordGrammar
 from .decode import compile_decoder
 from .grammar import Grammar, grammar_for, grammar_violations
@@ -48,6 +48,7 @@ __all__ = [
     "Checkpoint",
     "DEFAULT_CHECKPOINT",
     "DEFAULT_STEER",
+    "DEFAULT_TOP_P",
     "GenerationError",
     "Grammar",
     "RemiGrammar",

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from symusic import Score
 
-from .common import CONTEXT_KEPT, DEFAULT_STEER, GenerationError
+from .common import CONTEXT_KEPT, DEFAULT_STEER, DEFAULT_TOP_P, GenerationError
 from .decode import _decode, compile_decoder
 from .grammar import grammar_for
 from .loading import Checkpoint, load_checkpoint
@@ -69,7 +69,7 @@ def generate(
     density: str | dict | None = None,
     temperature: float = 1.0,
     top_k: int = 0,
-    top_p: float = 1.0,
+    top_p: float = DEFAULT_TOP_P,
     field_temperature: dict[str, float] | str | None = None,
     steer: float = DEFAULT_STEER,
     num_samples: int = 1,

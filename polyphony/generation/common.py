@@ -11,6 +11,10 @@ DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[2] / "checkpoints" / "poly
 DEFAULT_BARS = 16
 # Density steering (Sampling.steer), chosen on held-out band excerpts (docs/generation.md).
 DEFAULT_STEER = 3.0
+# Nucleus sampling by default: on 135 held-out band requests top-p 0.95 against 1.0 cut thin
+# parts 13.0 -> 11.8 %, pitch-class entropy's excess 19.9 -> 15.4 % and scale consistency's
+# shortfall 12.1 -> 9.5 % (the model card's table).
+DEFAULT_TOP_P = 0.95
 # A MIDI file has 16 channels and channel 10 is the drum kit.
 MAX_PITCHED_INSTRUMENTS = 15
 # Default token budget (--max-tokens): generous for dense parts, so it only stops a model that

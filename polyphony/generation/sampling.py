@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..config import CPWORD_FIELDS
-from .common import DEFAULT_STEER, GenerationError
+from .common import DEFAULT_STEER, DEFAULT_TOP_P, GenerationError
 
 
 @dataclass(frozen=True)
@@ -21,7 +21,7 @@ class Sampling:
 
     temperature: float = 1.0
     top_k: int = 0
-    top_p: float = 1.0
+    top_p: float = DEFAULT_TOP_P
     field_temperature: dict[str, float] = field(default_factory=dict)
     steer: float = DEFAULT_STEER  # at most this many nats on an instrument's Program logit
 

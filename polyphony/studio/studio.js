@@ -81,7 +81,7 @@ function densitySpec(tracks) {
 }
 
 function sampling() {
-  return { temperature: numberOrNull("temperature") ?? 1, top_p: numberOrNull("top_p") ?? 1,
+  return { temperature: numberOrNull("temperature") ?? 1, top_p: numberOrNull("top_p") ?? 0.95,
            seed: numberOrNull("seed") };
 }
 
