@@ -26,7 +26,7 @@ from pathlib import Path
 
 from polyphony import parts
 from polyphony.evaluate import evaluate_model, format_nll, format_table, validation_nll
-from polyphony.generation import DEFAULT_TOP_P, load_checkpoint
+from polyphony.generation import DEFAULT_STEER, DEFAULT_TOP_P, load_checkpoint
 
 
 def main() -> None:
@@ -40,6 +40,7 @@ def main() -> None:
     parser.add_argument("--requests", choices=["random", "validation"], default="random")
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--top-p", type=float, default=DEFAULT_TOP_P)
+    parser.add_argument("--steer", type=float, default=DEFAULT_STEER, help="--parts requests")
     parser.add_argument("--nll", action="store_true", help="also score the validation split")
     parser.add_argument("--parts", action="store_true", help="the full-parts checks instead")
     parser.add_argument("--per-piece", type=int, default=4, help="--parts: excerpts per piece")
@@ -78,7 +79,7 @@ def run_parts(args: argparse.Namespace) -> None:
     # 16-bar excerpts every 8 bars (they overlap by half), up to --per-piece per held-out band
     # piece long enough; continuation and arrangement take each piece's first excerpt.
     excerpts = parts.band_excerpts(args.dataset, args.corpus, 16, args.per_piece, stride=8)
-    sampling = {"temperature": args.temperature, "top_p": args.top_p}
+    sampling = {"temperature": args.temperature, "top_p": args.top_p, "steer": args.steer}
     report = {
         "excerpts": len(excerpts),
         "sampling": sampling,
