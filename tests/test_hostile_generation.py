@@ -94,3 +94,24 @@ def test_the_time_limit_stops_decoding_with_one_line(checkpoint):
     with pytest.raises(GenerationError, match="stopped after the time limit of 0.5 s"):
         generate("piano, bass, drums", bars=64, checkpoint=checkpoint, seed=0, time_limit=0.5)
     assert time.monotonic() - started < 0.5 + READ_ALLOWANCE_S
+
+
+@pytest.mark.parametrize(
+    "name", ["tpq_zero.mid", "chord_100k_notes_one_tick.mid", "named_pipe.mid", "truncated.mid"]
+)
+def test_generate_py_exits_2_with_one_line_on_a_hostile_file(hostile_dir, name, capsys, tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "generate_cli", Path(__file__).resolve().parents[1] / "generate.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    directory, _ = hostile_dir
+    out = tmp_path / "out.mid"
+    code = module.main(
+        ["--prompt", str(directory / name), "--bars", "2", "-o", str(out), "--quiet"]
+    )
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
+    assert name in err and not out.exists()
