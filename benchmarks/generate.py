@@ -48,6 +48,7 @@ from polyphony.generation import (
     sample_tokens,
     to_score,
 )
+from polyphony.generation.common import MAX_BARS
 from polyphony.instruments import DRUMS
 from polyphony.model import PolyphonyGPT
 from polyphony.tokenizer import DecodeError, PolyTokenizer, note_count
@@ -92,10 +93,15 @@ def run_ours(
 ) -> tuple[float, int, int]:
     """(seconds, new tokens, notes) of one batched generation."""
     plan = make_plan(
-        checkpoint.tokenizer, DENSITIES, instruments=INSTRUMENTS, bars=10**6, max_tokens=new_tokens
+        checkpoint.tokenizer,
+        DENSITIES,
+        instruments=INSTRUMENTS,
+        bars=MAX_BARS,
+        max_tokens=new_tokens,
     )
     start = time.perf_counter()
-    rows = sample_tokens(checkpoint, plan, Sampling(), num_samples=batch, seed=seed)
+    # No top-p, as GPT-2 below: the same sampling work on both sides.
+    rows = sample_tokens(checkpoint, plan, Sampling(top_p=1.0), num_samples=batch, seed=seed)
     seconds = time.perf_counter() - start
     tokens = sum(len(row) - len(plan.header) for row in rows)
     notes = sum(note_count(to_score(checkpoint.tokenizer, row, plan)) for row in rows)
