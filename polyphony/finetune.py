@@ -19,7 +19,6 @@ Any ``--section.key=value`` overrides the config (e.g. ``--train.max_steps=200``
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +28,7 @@ from .data.dataset import DatasetError
 from .data.prepare import REPORT_FILE, PrepareError, PrepareSummary, prepare_dataset
 from .evaluate import validation_nll
 from .model import CheckpointError
-from .resume import InitError, ResumeError
+from .resume import InitError, ResumeError, base_model_config
 from .tokenizer import PolyTokenizer
 from .training import RELEASE_DIR, train
 
@@ -86,7 +85,6 @@ def finetune(
             "(checkpoints/polyphony-mini or a run's release/)"
         )
     tokenizer = PolyTokenizer.load(base)
-    base_config = json.loads((base / "config.json").read_text())
     cfg = load_config(
         config,
         [
@@ -94,7 +92,7 @@ def finetune(
             f"--data.tokenization={tokenizer.kind}",
             f"--data.dataset_dir={out / DATA_DIR}",
             # Windows as long as the base model reads.
-            f"--data.max_seq_len={base_config['max_seq_len']}",
+            f"--data.max_seq_len={base_model_config(base).max_seq_len}",
             f"--train.out_dir={out}",
             f"--train.init_from={base}",
         ],

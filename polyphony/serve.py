@@ -41,6 +41,8 @@ try:
 except ImportError as err:  # an optional extra
     raise ImportError('the studio needs its extra: pip install -e ".[studio]"') from err
 
+from symusic import Score
+
 from .data.midi_input import MidiInputError, load_midi
 from .generation import DEFAULT_TOP_P, GenerationError, generate, load_checkpoint, midi_bytes
 from .instruments import ALIASES, DRUMS, GM_NAMES, InstrumentError, instrument_name
@@ -89,9 +91,8 @@ def instrument_catalogue() -> list[dict[str, Any]]:
     return [{"id": i, "name": instrument_name(i), "aliases": aliases.get(i, [])} for i in ids]
 
 
-def score_notes(data: bytes) -> dict[str, Any]:
-    """A MIDI file as the page draws and plays it: beats, tempo, bar lines, tracks of notes."""
-    score, _ = load_midi(data, "the file")
+def score_notes(score: Score) -> dict[str, Any]:
+    """A score as the page draws and plays it: beats, tempo, bar lines, tracks of notes."""
     tpq = score.ticks_per_quarter
     end = max((t.end() for t in score.tracks if t.notes), default=0)
     starts, _ = bar_lines(score, tpq, end + 1)
@@ -242,13 +243,8 @@ def create_app(checkpoint: str | Path | None = None, time_limit: float = TIME_LI
 
     @app.post("/api/notes")
     async def notes(file: Upload):
-        data = await file.read(MAX_UPLOAD_BYTES + 1)
-        if len(data) > MAX_UPLOAD_BYTES:
-            return error(413, f"upload larger than {MAX_UPLOAD_BYTES // 2**20} MB")
-        try:
-            return score_notes(data)
-        except MidiInputError as err:
-            return error(400, str(err))
+        score = await upload(file)
+        return score if isinstance(score, Response) else score_notes(score)
 
     return app
 

@@ -3,32 +3,27 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from polyphony import generate
-from polyphony.checkpoint import CHECKPOINT_MANIFEST, checkpoint_dir
 from polyphony.data.dataset import DatasetError, WindowDataset
 from polyphony.densities import DensityStats
 from polyphony.finetune import finetune, main
 from polyphony.model import PolyphonyGPT
 from polyphony.resume import InitError
-from polyphony.tracking import read_metrics
 from polyphony.training import setup, train
 from tests.test_training import (  # noqa: F401 (one_thread: the module's autouse fixture)
     TINY,
+    kill_after_checkpoint,
+    losses,
+    max_weight_difference,
     one_thread,
     overrides,
     run_config,
-    subprocess_env,
+    weights,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -88,29 +83,16 @@ def test_sigkilled_fine_tune_resumes_to_the_uninterrupted_run(prepared_remi, bas
     train(run_config(prepared_remi, tmp_path / "whole", **settings))
 
     run_dir = tmp_path / "killed"
-    command = [
-        sys.executable, "train.py", "--config", TINY, f"--init-from={base}",
-        *overrides(prepared_remi, run_dir, **SETTINGS),
+    train_args = [
+        "--config", TINY, f"--init-from={base}", *overrides(prepared_remi, run_dir, **SETTINGS)
     ]  # fmt: skip
-    child = subprocess.Popen(
-        command, cwd=REPO, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-    )
-    first = checkpoint_dir(run_dir, 4) / CHECKPOINT_MANIFEST
-    deadline = time.monotonic() + 120
-    while not first.exists() and child.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.01)
-    os.kill(child.pid, signal.SIGKILL)
-    _, stderr = child.communicate(timeout=30)
-    assert child.returncode == -signal.SIGKILL, stderr.decode()[-2000:]
+    kill_after_checkpoint(train_args, run_dir, 4)
 
     train(run_config(prepared_remi, run_dir, **settings))
-    whole = [row["train/loss"] for row in read_metrics(tmp_path / "whole" / "metrics.csv")]
-    resumed = [row["train/loss"] for row in read_metrics(run_dir / "metrics.csv")]
+    whole, resumed = losses(tmp_path / "whole"), losses(run_dir)
     assert len(whole) == len(resumed) == 12
     assert max(abs(a - b) for a, b in zip(whole, resumed, strict=True)) <= 1e-6
-    a = load_file(tmp_path / "whole" / "release" / "model.safetensors")
-    b = load_file(run_dir / "release" / "model.safetensors")
-    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+    assert max_weight_difference(weights(tmp_path / "whole"), weights(run_dir)) <= 1e-6
 
 
 def test_early_stopping_exports_the_best_step(prepared_remi, base, tmp_path):

@@ -250,19 +250,25 @@ class _Payload:
         return (Path.touch, (Path(self.marker),))
 
 
-def test_resume_after_sigkill_repeats_the_uninterrupted_run(prepared_remi, reference_run, tmp_path):
-    run_dir = tmp_path / "run"
-    command = [sys.executable, "train.py", "--config", TINY, *overrides(prepared_remi, run_dir)]
+def kill_after_checkpoint(train_args: list[str], run_dir: Path, step: int) -> None:
+    """Run ``train.py train_args`` in a subprocess and SIGKILL it once the checkpoint of
+    ``step`` is on disk."""
+    command = [sys.executable, "train.py", *train_args]
     child = subprocess.Popen(
         command, cwd=REPO, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
     )
-    first = checkpoint_dir(run_dir, 5) / CHECKPOINT_MANIFEST
+    first = checkpoint_dir(run_dir, step) / CHECKPOINT_MANIFEST
     deadline = time.monotonic() + 120
     while not first.exists() and child.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
     os.kill(child.pid, signal.SIGKILL)
     _, stderr = child.communicate(timeout=30)
     assert child.returncode == -signal.SIGKILL, stderr.decode()[-2000:]
+
+
+def test_resume_after_sigkill_repeats_the_uninterrupted_run(prepared_remi, reference_run, tmp_path):
+    run_dir = tmp_path / "run"
+    kill_after_checkpoint(["--config", TINY, *overrides(prepared_remi, run_dir)], run_dir, 5)
     assert not (run_dir / "release").exists()  # it was killed mid-run, not after finishing
 
     progress = train(run_config(prepared_remi, run_dir))

@@ -219,8 +219,6 @@ def plan_instruments(
     order = resolve_instruments(instruments)
     densities = _densities(stats, order, density)
     bars = DEFAULT_BARS if bars is None else bars
-    if bars < 1:
-        raise GenerationError(f"--bars {bars}: must be at least 1")
     budget = max_tokens or _default_budget(bars, len(order))
     _check_budget(budget, grammar, len(order))
     return Plan(
@@ -279,8 +277,6 @@ def plan_continuation(
         order = _track_order(score, in_file)
     _check_channels(order, "in the prompt and request")
     bars = DEFAULT_BARS if bars is None else bars
-    if bars < 1:
-        raise GenerationError(f"--bars {bars}: must be at least 1")
     # A bar line right after the prompt: new notes never land in the prompt's bars.
     if tokenizer.kind == "remi":
         bar_line = np.array([grammar.bar_id])
@@ -369,6 +365,8 @@ def check_request(
         )
     if prompt_bars is not None and prompt is None:
         raise GenerationError("--prompt-bars goes with --prompt FILE")
+    if bars is not None and bars < 1:
+        raise GenerationError(f"--bars {bars}: must be at least 1")
     if bars is not None and bars > MAX_BARS:
         raise GenerationError(
             f"--bars {bars}: more than one request writes ({MAX_BARS}); continue the result "
