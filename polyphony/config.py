@@ -46,6 +46,9 @@ class DataConfig:
     # track_densities (windows): false announces every part with density bin 0.
     note_order: str = "canonical"
     track_densities: bool = True
+    # Share of training windows rearranged for infilling (data/fim.py): header, prefix, MASK,
+    # suffix, SEP, middle bars, EOS. Evaluation windows are never rearranged.
+    fim_rate: float = 0.0
     # Per-source sampling weights; a source is the first folder below the MIDI root
     # (corpus/music21/..., corpus/band/...). Missing sources weigh 1.0.
     source_weights: dict[str, float] = field(default_factory=dict)

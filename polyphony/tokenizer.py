@@ -189,8 +189,8 @@ class PolyTokenizer:
                     self._instrument_of[index] = program_to_instrument(int(name.split("_", 1)[1]))
             self._token_names = names
             self.vocab_sizes = [size]
-            self.pad_id, self.bos_id, self.eos_id, self.sep_id = (
-                vocab[f"{s}_None"] for s in ("PAD", "BOS", "EOS", "SEP")
+            self.pad_id, self.bos_id, self.eos_id, self.mask_id, self.sep_id = (
+                vocab[f"{s}_None"] for s in ("PAD", "BOS", "EOS", "MASK", "SEP")
             )
         else:
             vocabs = self.miditok.vocab
@@ -199,8 +199,8 @@ class PolyTokenizer:
             self.vocab_sizes[CPWORD_DENSITY_COLUMN] += N_DENSITY_BINS
             self.token_types = []
             self.n_token_types = 0
-            self.pad_id, self.bos_id, self.eos_id, self.sep_id = (
-                vocabs[0][f"{s}_None"] for s in ("PAD", "BOS", "EOS", "SEP")
+            self.pad_id, self.bos_id, self.eos_id, self.mask_id, self.sep_id = (
+                vocabs[0][f"{s}_None"] for s in ("PAD", "BOS", "EOS", "MASK", "SEP")
             )
             self.ignore_id = vocabs[1]["Ignore_None"]
             self.family_metric_id = vocabs[0]["Family_Metric"]

@@ -40,6 +40,7 @@ from ..tokenizer import (
     PolyTokenizer,
     density_bin,
 )
+from .fim import fill_in_the_middle
 from .shards import MANIFEST_FILE
 
 SPLITS = ("train", "validation", "test")
@@ -130,6 +131,7 @@ class WindowDataset(Dataset):
         velocity_shift: int = 8,
         windows_per_epoch: int | None = None,
         track_densities: bool = True,
+        fim_rate: float = 0.0,
     ):
         if split not in SPLITS:
             raise ValueError(f"split={split!r}: expected one of {SPLITS}")
@@ -146,6 +148,9 @@ class WindowDataset(Dataset):
         self.bar_aligned = bool(bar_aligned)
         self.transpose_semitones = int(transpose_semitones)
         self.track_densities = bool(track_densities)
+        if not 0.0 <= fim_rate <= 1.0:
+            raise ValueError(f"data.fim_rate={fim_rate}: a share of windows, 0..1")
+        self.fim_rate = float(fim_rate) if self.is_train else 0.0
         self.manifest = load_manifest(self.root)
         self.tokenizer = tokenizer_of(self.root)
 
@@ -209,6 +214,7 @@ class WindowDataset(Dataset):
             transpose_semitones=data_cfg.transpose_semitones,
             velocity_shift=data_cfg.velocity_shift,
             track_densities=data_cfg.track_densities,
+            fim_rate=data_cfg.fim_rate,
         )
 
     # ----------------------------------------------------------------- shards and pieces
@@ -419,6 +425,12 @@ class WindowDataset(Dataset):
         transpose = velocity_bins = 0
         if self.augment:
             ids, transpose, velocity_bins = self._augment(ids, rng)
+        # Drawn after everything else, so the windows of fim_rate 0 are those of fim_rate > 0
+        # left as they were (the FIM-for-free comparison runs on the same data).
+        if rng.random() < self.fim_rate:
+            ids, track_ids = fill_in_the_middle(
+                self.tokenizer, ids, track_ids, self.max_seq_len + 1, rng
+            )
         return Window(piece, start, transpose, velocity_bins, ids, track_ids)
 
     def _evaluation_window(self, index: int) -> Window:
