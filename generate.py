@@ -3,6 +3,7 @@
     python generate.py --instruments "piano, bass, drums" --bars 32 -o song.mid
     python generate.py --prompt in.mid --prompt-bars 4 --bars 16 -o more.mid
     python generate.py --arrange in.mid --add "strings, drums" -o arranged.mid
+    python generate.py --infill in.mid --infill-bars 9-12 --tracks "bass, drums" -o new.mid
     python generate.py --instruments "piano, violin" --num-samples 4 --seed 7 -o take.mid --plot
 
 ``--bars`` counts the bars to generate (after the prompt, if any). See docs/generation.md.
@@ -47,6 +48,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     what.add_argument("--arrange", metavar="MIDI", help="add instruments to this MIDI file")
     what.add_argument("--add", metavar="INSTRUMENTS", help='with --arrange: e.g. "strings, drums"')
+    what.add_argument("--infill", metavar="MIDI", help="write some bars of this MIDI file again")
+    what.add_argument(
+        "--infill-bars", metavar="FIRST-LAST", help="with --infill: the bars, e.g. 9-12"
+    )
+    what.add_argument(
+        "--tracks",
+        metavar="INSTRUMENTS",
+        help='with --infill: the tracks to write again (default all), e.g. "bass, drums"; '
+        "one the piece lacks gets a part in those bars",
+    )
     what.add_argument("--tempo", type=float, metavar="BPM", help="fix the tempo of a new piece")
     what.add_argument(
         "--time-signature", metavar="N/D", help='fix the meter of a new piece, e.g. "3/4"'
@@ -145,6 +156,9 @@ def run(args: argparse.Namespace) -> int:
             prompt_bars=args.prompt_bars,
             arrange=args.arrange,
             add=args.add,
+            infill=args.infill,
+            infill_bars=args.infill_bars,
+            tracks=args.tracks,
             tempo=args.tempo,
             time_signature=args.time_signature,
             density=args.density,

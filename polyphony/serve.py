@@ -1,13 +1,13 @@
 """A local web studio: ``polyphony serve`` (or ``python -m polyphony.serve``), then open the URL.
 
-One page (``polyphony/studio/``) to generate, continue and arrange, with a piano roll, in-page
+One page (``polyphony/studio/``) to generate, continue, arrange and infill, with a piano roll, in-page
 playback and a MIDI download; the HTTP API under it serves scripts and DAW bridges too:
 
     POST /api/generate   JSON {instruments, bars, tempo, time_signature, density, temperature,
                          top_p, seed}                    -> audio/midi
     POST /api/continue   multipart: file + bars, prompt_bars, instruments, density, ...
     POST /api/arrange    multipart: file + add, density, ...
-    POST /api/infill     multipart (answers 501 until infilling lands)
+    POST /api/infill     multipart: file + bars ("9-12"), tracks, density, ...
     POST /api/notes      multipart: file -> JSON tracks and notes (what the page draws)
     GET  /api/instruments, /api/model
 
@@ -238,8 +238,22 @@ def create_app(checkpoint: str | Path | None = None, time_limit: float = TIME_LI
         return await respond(arrange=piece, add=add, **sampling(density, temperature, top_p, seed))
 
     @app.post("/api/infill")
-    async def infill_piece():
-        return error(501, "infilling is not in this version yet; continue or arrange instead")
+    async def infill_piece(
+        file: Upload,
+        bars: Annotated[str, Form()],
+        tracks: Annotated[str | None, Form()] = None,
+        density: Annotated[str | None, Form()] = None,
+        temperature: Annotated[float, Form()] = 1.0,
+        top_p: Annotated[float, Form()] = DEFAULT_TOP_P,
+        seed: Annotated[int | None, Form()] = None,
+    ):
+        piece = await upload(file)
+        if isinstance(piece, Response):
+            return piece
+        return await respond(
+            infill=piece, infill_bars=bars, tracks=tracks or None,
+            **sampling(density, temperature, top_p, seed),
+        )  # fmt: skip
 
     @app.post("/api/notes")
     async def notes(file: Upload):

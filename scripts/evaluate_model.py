@@ -45,8 +45,14 @@ def main() -> None:
     parser.add_argument("--parts", action="store_true", help="the full-parts checks instead")
     parser.add_argument("--per-piece", type=int, default=4, help="--parts: excerpts per piece")
     parser.add_argument("--samples", type=int, default=20, help="--parts: pieces per control")
-    parser.add_argument(
+    only = parser.add_mutually_exclusive_group()
+    only.add_argument(
         "--requests-only", action="store_true", help="--parts: only the requests (sweeps)"
+    )
+    only.add_argument(
+        "--checks-only",
+        action="store_true",
+        help="--parts: only control, continuation and arrangement (run beside --requests-only)",
     )
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
@@ -80,19 +86,20 @@ def run_parts(args: argparse.Namespace) -> None:
     # piece long enough; continuation and arrangement take each piece's first excerpt.
     excerpts = parts.band_excerpts(args.dataset, args.corpus, 16, args.per_piece, stride=8)
     sampling = {"temperature": args.temperature, "top_p": args.top_p, "steer": args.steer}
-    report = {
-        "excerpts": len(excerpts),
-        "sampling": sampling,
-        "requests": parts.requests_from_excerpts(checkpoint, excerpts, 16, args.seed, **sampling),
-    }
+    report = {"excerpts": len(excerpts), "sampling": sampling}
+    if not args.checks_only:
+        report["requests"] = parts.requests_from_excerpts(
+            checkpoint, excerpts, 16, args.seed, **sampling
+        )
     if not args.requests_only:
         firsts = parts.band_excerpts(args.dataset, args.corpus, 16, 1, stride=8)
         report["control"] = parts.control(checkpoint, 8, args.samples, args.seed)
         report["continuation"] = parts.continuation(checkpoint, firsts, 4, 8, args.seed)
         report["arrangement"] = parts.arrangement(checkpoint, firsts, args.seed)
-        print(parts.format_report(report))
+    if args.requests_only or args.checks_only:  # half a report: its figures as they are
+        print(json.dumps(report, indent=1))
     else:
-        print(json.dumps(report["requests"], indent=1))
+        print(parts.format_report(report))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "parts.json").write_text(json.dumps(report, indent=2) + "\n")
 

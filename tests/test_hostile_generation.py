@@ -1,6 +1,6 @@
 """Hostile MIDI on the generation path: every kind of file prepare's tests build, and the ones
-that make a naive reader work without bound, given to generate() as a prompt and as a piece to
-arrange. Each ends in a Score or a one-line GenerationError naming the file, within the stated
+that make a naive reader work without bound, given to generate() as a prompt, as a piece to
+arrange and as a piece to infill. Each ends in a Score or a one-line GenerationError naming the file, within the stated
 time limit; none raises anything else."""
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ def checkpoint():
     return load_checkpoint()
 
 
-@pytest.mark.parametrize("mode", ["prompt", "arrange"])
+@pytest.mark.parametrize("mode", ["prompt", "arrange", "infill"])
 def test_every_hostile_file_ends_in_a_score_or_one_line_within_the_bound(
     mode, hostile_dir, checkpoint
 ):
@@ -49,11 +49,11 @@ def test_every_hostile_file_ends_in_a_score_or_one_line_within_the_bound(
     outcomes = {}
     for name in names:
         path = directory / name
-        request = (
-            {"prompt": path, "prompt_bars": 2, "bars": 2}
-            if mode == "prompt"
-            else {"arrange": path, "add": "drums"}
-        )
+        request = {
+            "prompt": {"prompt": path, "prompt_bars": 2, "bars": 2},
+            "arrange": {"arrange": path, "add": "drums"},
+            "infill": {"infill": path, "infill_bars": "1"},
+        }[mode]
         started = time.monotonic()
         try:
             result = generate(**request, checkpoint=checkpoint, seed=0, time_limit=TIME_LIMIT_S)

@@ -14,6 +14,7 @@ from adversarial import write_adversarial_files, write_generation_hostile_files
 from fastapi.testclient import TestClient
 from symusic import Score
 
+from polyphony.generation import load_checkpoint
 from polyphony.serve import MAX_UPLOAD_BYTES, create_app
 
 REPO = Path(__file__).resolve().parents[1]
@@ -89,8 +90,23 @@ def test_continue_and_arrange_take_an_upload(client, song):
     assert any(t.is_drum for t in Score.from_midi(arranged.content).tracks)
 
 
-def test_infill_says_it_is_not_here_yet(client, song):
-    assert_one_line_error(client.post("/api/infill", files={"file": ("s.mid", song)}), 501)
+def test_infill_writes_the_chosen_bars_of_the_chosen_tracks_again(client, song):
+    original = Score.from_midi(song)
+    piece = original.clip(0, 24 * original.ticks_per_quarter)  # 6 bars of 4/4
+    data = piece.dumps_midi()
+    filled = client.post(
+        "/api/infill", files={"file": ("p.mid", data)}, data={"bars": "3-4", "tracks": "drums"}
+    )
+    assert filled.status_code == 200, filled.text
+    result = Score.from_midi(filled.content)
+    # The pitched tracks are not touched anywhere (to the tokenizer's grid).
+    tokenizer = load_checkpoint().tokenizer
+    kept = tokenizer.decode(tokenizer.encode(Score.from_midi(data)).ids)
+    pitched = sorted((t.program, t.note_num()) for t in kept.tracks if not t.is_drum)
+    assert pitched == sorted((t.program, t.note_num()) for t in result.tracks if not t.is_drum)
+    assert_one_line_error(
+        client.post("/api/infill", files={"file": ("p.mid", data)}, data={"bars": "40-44"}), 400
+    )
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -189,9 +205,13 @@ def server():
     thread.join(timeout=10)
 
 
-def test_the_page_in_headless_chromium_generates_a_piano_roll(server, tmp_path):
+def test_the_page_in_headless_chromium_generates_a_piano_roll(server, tmp_path, song):
     """Picks piano, bass, drums; generates; sees three tracks in the legend, a drawn roll and
-    a download link. Saves a screenshot (docs/studio.png comes from this test)."""
+    a download link. Saves a screenshot (docs/studio.png comes from this test). Then infills
+    two bars of an uploaded file."""
+    upload = tmp_path / "upload.mid"
+    original = Score.from_midi(song)
+    original.clip(0, 16 * original.ticks_per_quarter).dump_midi(upload)
     chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
     if not (chromium and driver):
         pytest.skip("Debian chromium and chromium-driver are not installed (.ci/run installs them)")
@@ -242,5 +262,13 @@ def test_the_page_in_headless_chromium_generates_a_piano_roll(server, tmp_path):
         assert painted > 1000  # notes and bar lines were drawn
         browser.save_screenshot(str(tmp_path / "studio.png"))
         assert (tmp_path / "studio.png").stat().st_size > 10_000
+        # Infill bars 2-3 of an uploaded file: a new result replaces the first.
+        before = browser.find_element(By.ID, "download").get_attribute("href")
+        browser.find_element(By.ID, "file").send_keys(str(upload))
+        browser.find_element(By.ID, "infill_bars").send_keys("2-3")
+        browser.find_element(By.ID, "infill").click()
+        wait.until(lambda b: b.find_element(By.ID, "download").get_attribute("href") != before)
+        assert "error" not in browser.find_element(By.ID, "status").get_attribute("class")
+        assert browser.find_elements(By.CSS_SELECTOR, "#legend li")
     finally:
         browser.quit()

@@ -14,6 +14,7 @@ from symusic import Score
 from .common import CONTEXT_KEPT, DEFAULT_STEER, DEFAULT_TOP_P, GenerationError
 from .decode import _decode, compile_decoder
 from .grammar import grammar_for
+from .infill import parse_bars, plan_infill
 from .loading import Checkpoint, load_checkpoint
 from .output import to_score
 from .plan import Plan, check_request, make_plan, resolve_instruments
@@ -64,6 +65,9 @@ def generate(
     prompt_bars: int | None = None,
     arrange: str | Path | Score | None = None,
     add: str | Iterable[str | int] | None = None,
+    infill: str | Path | Score | None = None,
+    infill_bars: str | tuple[int, int] | None = None,
+    tracks: str | Iterable[str | int] | None = None,
     tempo: float | None = None,
     time_signature: str | None = None,
     density: str | dict | None = None,
@@ -88,6 +92,10 @@ def generate(
       for 8 more bars, with its instruments (or ``instruments=`` to add or restrict).
     * ``generate(arrange="in.mid", add="strings, drums")``: keep every note of in.mid and write
       parts for the added instruments in time with it.
+    * ``generate(infill="in.mid", infill_bars=(9, 12), tracks="bass, drums")``: write bars 9-12
+      of the bass and drums again, with the music before and after in view; everything else is
+      kept (after the tokenizer's quantisation). ``tracks`` defaults to all of them; one the
+      piece lacks gets a part in those bars only.
 
     ``density`` sets how much parts play: ``"bass=4, drums=12, piano=dense"`` (notes per bar,
     or sparse/medium/dense = the instrument's quartiles in the training data). Unnamed parts
@@ -106,18 +114,29 @@ def generate(
     if isinstance(field_temperature, str):
         field_temperature = parse_field_temperature(field_temperature)
     # Mistakes in the request are reported before the model loads.
-    check_request(instruments, bars, prompt, prompt_bars, arrange, add, tempo, time_signature)
+    check_request(
+        instruments, bars, prompt, prompt_bars, arrange, add, tempo, time_signature, infill,
+        infill_bars, tracks,
+    )  # fmt: skip
     instruments = None if instruments is None else resolve_instruments(instruments)
     add = None if add is None else resolve_instruments(add)
+    tracks = None if tracks is None else resolve_instruments(tracks)
+    infill_bars = None if infill_bars is None else parse_bars(infill_bars)
     loaded = (
         checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint, device)
     )
     sampling = Sampling(temperature, top_k, top_p, dict(field_temperature or {}), steer)
-    plan = make_plan(
-        loaded.tokenizer, loaded.densities, instruments=instruments, bars=bars, prompt=prompt,
-        prompt_bars=prompt_bars, arrange=arrange, add=add, tempo=tempo,
-        time_signature=time_signature, max_tokens=max_tokens, density=density,
-    )  # fmt: skip
+    if infill is not None:
+        plan = plan_infill(
+            loaded.tokenizer, grammar_for(loaded.tokenizer, "cpu"), loaded.densities, infill,
+            infill_bars, tracks, max_tokens, density, loaded.model.config.max_seq_len,
+        )  # fmt: skip
+    else:
+        plan = make_plan(
+            loaded.tokenizer, loaded.densities, instruments=instruments, bars=bars,
+            prompt=prompt, prompt_bars=prompt_bars, arrange=arrange, add=add, tempo=tempo,
+            time_signature=time_signature, max_tokens=max_tokens, density=density,
+        )  # fmt: skip
     if seed is None:
         seed = int.from_bytes(os.urandom(4), "little")
         log.info("seed %d (pass --seed %d to repeat)", seed, seed)

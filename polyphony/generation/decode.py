@@ -118,7 +118,9 @@ def _decode(
             )
 
     device = generator.device
-    prompt = np.concatenate([plan.header, plan.prompt_body])
+    prompt = np.concatenate(
+        [plan.header, plan.prompt_body if plan.context is None else plan.context]
+    )
     prompt_tracks = grammar.tokenizer.track_ids(prompt)
     state = RowState.start(batch, grammar.START, device)
     replay = Constraints(constraints.allowed, constraints.required, constraints.target_bars, 0)
@@ -129,7 +131,13 @@ def _decode(
     state.new_tokens.zero_()
     state.notes.zero_()
     state.first_bar.copy_(state.bars)
-    if constraints.existing is not None:
+    if plan.infill is not None:
+        # The prompt ends on the region's bar line, which is the piece's: its meter follows as
+        # an existing token. Parts must play in the region, whatever the prefix held.
+        state.after_existing.fill_(True)
+        state.played.zero_()
+        state.tempo.fill_(plan.infill.tempo)
+    elif constraints.existing is not None:
         state.tempo.fill_(constraints.existing.initial_tempo)
 
     ids = torch.as_tensor(prompt, device=device).expand(batch, *prompt.shape).clone()

@@ -16,6 +16,7 @@ from ..tokenizer import (
     PolyTokenizer,
 )
 from .common import FIELD, MAX_TICK, GenerationError
+from .infill import clip_to_region, infill_ids
 from .plan import Plan
 
 log = logging.getLogger(__name__)
@@ -44,8 +45,11 @@ def validate_score(score: Score) -> None:
 
 
 def to_score(tokenizer: PolyTokenizer, ids: np.ndarray, plan: Plan) -> Score:
-    """Generated ids -> a Score with one track per instrument in the plan's order, the request
-    marker, validated."""
+    """Generated ids (a row of ``sample_tokens``) -> a Score with one track per instrument in
+    the plan's order, the request marker, validated. An infilled row is first put back
+    together with the piece around it."""
+    if plan.infill is not None:
+        ids = infill_ids(tokenizer, plan, ids)
     try:
         score = tokenizer.decode(ids)
     except DecodeError as err:  # the grammar makes this unreachable; say so if it is not
@@ -55,7 +59,9 @@ def to_score(tokenizer: PolyTokenizer, ids: np.ndarray, plan: Plan) -> Score:
     if silent:  # the constraints prevent it; only a token cap that cut the piece short can
         log.warning("note: %s did not play", ", ".join(instrument_name(i) for i in silent))
     score.tracks = [by_instrument[i] for i in plan.instruments if i in by_instrument]
-    if plan.existing is None:  # an arrangement keeps the user's notes exactly as they are
+    if plan.infill is not None:
+        clip_to_region(score, plan)
+    elif plan.existing is None:  # an arrangement keeps the user's notes exactly as they are
         _end_at_bar_line(score, plan.target_bars)
     _tempo_from_start(score, tokenizer, ids)
     write_request(score, plan.instruments)

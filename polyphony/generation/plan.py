@@ -39,6 +39,18 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
+class Infill:
+    """An infilling request: the bars regenerated and what surrounds them, whole (the output
+    puts them back around the new bars as they are)."""
+
+    bars: tuple[int, int]  # first and last bar regenerated, 1-based, inclusive
+    tracks: list[int]  # instruments regenerated (the others' notes in those bars are forced)
+    prefix: np.ndarray  # body tokens before the bars
+    suffix: np.ndarray  # body tokens after them
+    tempo: int  # the Tempo token in force where the bars begin (-1: none before them)
+
+
+@dataclass
 class Plan:
     """What to decode: the prompt, the output's instruments and the constraints' parameters."""
 
@@ -54,6 +66,10 @@ class Plan:
     time_signature: int | None = None
     existing: np.ndarray | None = None  # arrangement: the piece's body tokens
     source: str = ""  # the user's file it was read from (prompt or arrangement), for errors
+    # What the model reads after the header where it differs from prompt_body (infilling: the
+    # prefix, MASK, the suffix, SEP, then the bar line the grammar replays after the prefix).
+    context: np.ndarray | None = None
+    infill: Infill | None = None
 
     def constraints(self, device) -> Constraints:
         def mask(instruments):
@@ -339,9 +355,24 @@ def plan_arrangement(tokenizer, grammar, stats, arrange, add, max_tokens, densit
 
 
 def check_request(
-    instruments, bars, prompt, prompt_bars, arrange, add, tempo, time_signature
-) -> None:
+    instruments, bars, prompt, prompt_bars, arrange, add, tempo, time_signature,
+    infill=None, infill_bars=None, tracks=None,
+) -> None:  # fmt: skip
     """Refuse combinations of options that do not make one request (before any model loads)."""
+    if infill is not None:
+        others = {"--instruments": instruments, "--bars": bars, "--prompt": prompt,
+                  "--arrange": arrange, "--tempo": tempo, "--time-signature": time_signature}  # fmt: skip
+        given = [option for option, value in others.items() if value is not None]
+        if given:
+            raise GenerationError(
+                f"--infill keeps the piece's length, instruments and tempo: drop {', '.join(given)}"
+                " (name the tracks to regenerate with --tracks)"
+            )
+        if infill_bars is None:
+            raise GenerationError("--infill needs --infill-bars: the bars to regenerate, e.g. 9-12")
+        return
+    if infill_bars is not None or tracks is not None:
+        raise GenerationError("--infill-bars and --tracks go with --infill FILE")
     if prompt is not None and arrange is not None:
         raise GenerationError("--prompt and --arrange exclude each other: continue or arrange")
     if arrange is not None and (instruments is not None or bars is not None):

@@ -113,7 +113,7 @@ async function run(label, request) {
 }
 
 function setBusy(busy) {
-  for (const id of ["generate", "continue", "arrange"]) $(id).disabled = busy;
+  for (const id of ["generate", "continue", "arrange", "infill"]) $(id).disabled = busy;
 }
 
 function showError(message) {
@@ -158,6 +158,13 @@ function arrangePiece() {
   if (!add) { showError("name the instruments to add"); return; }
   const form = withFile({ add });
   if (form) run("arranging", () => fetch("/api/arrange", { method: "POST", body: form }));
+}
+
+function infillPiece() {
+  const bars = $("infill_bars").value.trim();
+  if (!bars) { showError("give the bars to write again, e.g. 9-12"); return; }
+  const form = withFile({ bars, tracks: $("infill_tracks").value.trim() });
+  if (form) run("infilling", () => fetch("/api/infill", { method: "POST", body: form }));
 }
 
 // ------------------------------------------------------------------ result
@@ -299,6 +306,7 @@ $("pick").addEventListener("submit", addInstrument);
 $("generate").addEventListener("click", generatePiece);
 $("continue").addEventListener("click", continuePiece);
 $("arrange").addEventListener("click", arrangePiece);
+$("infill").addEventListener("click", infillPiece);
 $("play").addEventListener("click", play);
 $("stop").addEventListener("click", stop);
 loadCatalogue().catch((err) => showError(`cannot reach the server: ${err.message}`));
