@@ -48,6 +48,7 @@ from polyphony.generation import (
     write_midi,
 )
 from polyphony.generation.decode import _windows
+from polyphony.generation.infill import infill_ids, plan_infill
 from polyphony.generation.output import _end_at_bar_line
 from polyphony.instruments import DRUMS, GLOBAL_TRACK, instrument_name, program_to_instrument
 from polyphony.metrics import instrument_fidelity, read_request
@@ -308,6 +309,39 @@ def test_arrangement_keeps_every_existing_note_and_adds_parts(checkpoints, small
         for instrument, notes in existing.items():
             assert output[instrument] == notes, instrument_name(instrument)
         assert all(output[instrument] for instrument in added)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_infill_rewrites_only_the_region_of_the_chosen_tracks(checkpoints, small_piece, kind):
+    """Bars 2-3 of every track, then of one track: outside them every note is the quantised
+    piece's, inside them the other tracks keep theirs, and the piece keeps its bars. The tiny
+    models' context leaves no room for prefix and suffix: the constraints alone must hold."""
+    checkpoint = checkpoints[kind]
+    tokenizer = checkpoint.tokenizer
+    original = notes_of(quantised(tokenizer, small_piece))
+    (ts,) = small_piece.time_signatures
+    bar = tokenizer.decode(tokenizer.encode(small_piece).ids).ticks_per_quarter * 4
+    bar = bar * ts.numerator // ts.denominator
+    n_bars = bar_count(tokenizer, tokenizer.encode(small_piece).ids)
+    grammar = grammar_for(tokenizer, "cpu")
+    for tracks in (None, list(original)[:1]):
+        plan = plan_infill(
+            tokenizer, grammar, checkpoint.densities, small_piece, (2, 3), tracks, None, None,
+            CONTEXT,
+        )  # fmt: skip
+        for row in sample_tokens(checkpoint, plan, Sampling(), num_samples=2, seed=5):
+            ids = infill_ids(tokenizer, plan, row)
+            assert grammar_violations(tokenizer, ids) == []
+            assert bar_count(tokenizer, ids) == n_bars
+            output = notes_of(to_score(tokenizer, row, plan))
+            for instrument, notes in original.items():
+
+                def outside(rows):
+                    return [n for n in rows if not bar <= n[0] < 3 * bar]
+
+                assert outside(output.get(instrument, [])) == outside(notes), instrument
+                if instrument not in plan.infill.tracks:
+                    assert output[instrument] == notes, instrument
 
 
 @pytest.mark.parametrize("kind", KINDS)

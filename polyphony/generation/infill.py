@@ -21,7 +21,7 @@ from ..densities import family_of
 from ..instruments import program_to_instrument as _instrument
 from ..metrics import bar_lines
 from ..tokenizer import PolyTokenizer
-from .common import CONTEXT_KEPT, MAX_BARS, GenerationError
+from .common import CONTEXT_KEPT, FIELD, MAX_BARS, GenerationError
 from .plan import (
     Infill,
     Plan,
@@ -56,16 +56,19 @@ def parse_bars(spec: str | tuple[int, int] | list[int]) -> tuple[int, int]:
 
 
 def without_tracks(tokenizer: PolyTokenizer, body: np.ndarray, instruments) -> np.ndarray:
-    """REMI ``body`` without the notes of ``instruments``, and without the Positions left empty
-    (a Position that carries a Tempo stays: the tempo change is the piece's)."""
+    """``body`` without the notes of ``instruments``. REMI also drops the Positions left empty
+    (its grammar has none; a Position that carries a Tempo stays: the tempo change is the
+    piece's); a CPWord Position compound may stand alone, and carries the tempo."""
     tracks = tokenizer.track_ids(body)
     kept = body[~np.isin(tracks, list(instruments))]
+    if tokenizer.kind != "remi" or not len(kept):
+        return kept
     names = [tokenizer.token_name(int(i)).split("_", 1)[0] for i in kept]
     empty = [
         kind == "Position" and (index + 1 == len(names) or names[index + 1] in ("Position", "Bar"))
         for index, kind in enumerate(names)
     ]
-    return kept[~np.array(empty, dtype=bool)] if len(kept) else kept
+    return kept[~np.array(empty, dtype=bool)]
 
 
 def _piece_tracks(requested: list[int], in_piece: list[int]) -> list[int]:
@@ -79,10 +82,20 @@ def _piece_tracks(requested: list[int], in_piece: list[int]) -> list[int]:
 
 
 def _tempo_before(tokenizer: PolyTokenizer, prefix: np.ndarray) -> int:
-    """The last Tempo token of ``prefix``, -1 if none: the shown prefix may have cut it off, and
-    the grammar lets the model open a Position only once a tempo is known."""
-    tempi = [int(i) for i in prefix if tokenizer.token_name(int(i)).startswith("Tempo_")]
-    return tempi[-1] if tempi else -1
+    """The tempo in force after ``prefix`` (REMI: its last Tempo token; CPWord: the last tempo
+    field value), -1 if none: the shown prefix may have cut it off, and the grammar lets the
+    model open a Position only once a tempo is known."""
+    if tokenizer.kind == "remi":
+        names = [tokenizer.token_name(int(i)) for i in prefix]
+        values = [int(i) for i, n in zip(prefix, names, strict=True) if n.startswith("Tempo_")]
+    else:
+        column = FIELD["tempo"]
+        values = [
+            int(v)
+            for v in prefix[:, column]
+            if tokenizer.token_name(int(v), column).startswith("Tempo_")
+        ]
+    return values[-1] if values else -1
 
 
 def _tail_from_bar_line(tokenizer, body: np.ndarray, room: int) -> np.ndarray:
@@ -116,11 +129,6 @@ def plan_infill(
     """Regenerate bars ``infill_bars`` of ``tracks`` (default: all) of the file ``infill``.
     ``look_ahead=False`` hides the suffix: a continuation of the prefix under the same
     constraints, the baseline infilling is measured against."""
-    if tokenizer.kind != "remi":
-        raise GenerationError(
-            "--infill needs a REMI model for now (this checkpoint is CPWord); use the shipped "
-            "polyphony-mini or train one with data.tokenization=remi"
-        )
     score, name = read_midi(infill, "infill")
     first, last = parse_bars(infill_bars)
     in_piece, body = _encode(tokenizer, score, name)
@@ -135,7 +143,7 @@ def plan_infill(
         raise GenerationError(f"--infill-bars {first}-{last}: at most {MAX_BARS} bars at once")
     order = _track_order(score, in_piece)
     redo = order if tracks is None else _piece_tracks(resolve_instruments(tracks), order)
-    order += [i for i in redo if i not in order]
+    order = order + [i for i in redo if i not in order]
     prefix, region, suffix = (
         body[: lines[first - 1]],
         body[lines[first - 1] : lines[last]],
