@@ -104,25 +104,29 @@ def _full_forward_logits(model, ids, tracks):
     [("remi", None), ("remi", 2), ("cpword", 2)],
     ids=["remi", "remi-gqa", "cpword-gqa"],
 )
-def test_cached_decode_matches_full_forward(kind, n_kv_heads):
-    # max_seq_len=16 < 9 + 12 positions: rotary positions let decoding run past it.
+@pytest.mark.parametrize(
+    "prompt_lengths", [[9], [9, 9, 9], [5, 9, 3]], ids=["batch-1", "equal-rows", "ragged"]
+)
+def test_cached_decode_matches_full_forward(kind, n_kv_heads, prompt_lengths):
+    # max_seq_len=16 < 9 + 12 positions: rotary positions let decoding run past it. One row and
+    # rows of one length attend to the whole cache; ragged rows mask their padding slots.
     model = tiny_model(kind, n_kv_heads=n_kv_heads, max_seq_len=16)
-    prompt_lengths = torch.tensor([5, 9, 3])
-    n_new = 12
-    ids, tracks = random_batch(kind, 3, 9 + n_new, seed=2)
+    prompt_lengths = torch.tensor(prompt_lengths)
+    batch, n_new = len(prompt_lengths), 12
+    ids, tracks = random_batch(kind, batch, 9 + n_new, seed=2)
     # Right-padded prompt batch; the padding is junk that must never be attended to.
-    prompt_ids, prompt_tracks = random_batch(kind, 3, 9, seed=3)
+    prompt_ids, prompt_tracks = random_batch(kind, batch, 9, seed=3)
     for row, length in enumerate(prompt_lengths.tolist()):
         prompt_ids[row, :length], prompt_tracks[row, :length] = (
             ids[row, :length],
             tracks[row, :length],
         )
-    full = [_full_forward_logits(model, ids[row], tracks[row]) for row in range(3)]
+    full = [_full_forward_logits(model, ids[row], tracks[row]) for row in range(batch)]
 
-    model.setup_cache(batch_size=3, max_len=9 + n_new)
+    model.setup_cache(batch_size=batch, max_len=9 + n_new)
     out = model.prefill(prompt_ids, prompt_tracks, prompt_lengths)
     positions = prompt_lengths.clone()
-    rows = torch.arange(3)
+    rows = torch.arange(batch)
     max_diff = 0.0
     for step in range(n_new + 1):
         expected_keys = ("family", "next_instrument") if kind == "cpword" else tuple(model.heads)
@@ -140,6 +144,19 @@ def test_cached_decode_matches_full_forward(kind, n_kv_heads):
             out = model.decode_step(ids[rows, positions], tracks[rows, positions])
             positions += 1
     assert max_diff <= 1e-5
+
+
+@pytest.mark.parametrize("kind, head", [("remi", "next_token"), ("cpword", "family")])
+def test_cached_steps_compute_only_the_heads_asked_for(kind, head):
+    model = tiny_model(kind)
+    ids, tracks = random_batch(kind, 2, 6)
+    model.setup_cache(batch_size=2, max_len=8)
+    everything = model.prefill(ids, tracks, torch.tensor([6, 4]))
+    only = model.prefill(ids, tracks, torch.tensor([6, 4]), heads=(head,))
+    assert set(only.logits) == {head}
+    torch.testing.assert_close(only.logits[head], everything.logits[head], rtol=0, atol=0)
+    step = model.decode_step(ids[:, 0], tracks[:, 0], heads=(head,))
+    assert set(step.logits) == {head}
 
 
 def test_decode_beyond_cache_size_is_refused():

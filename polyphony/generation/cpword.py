@@ -35,6 +35,7 @@ class CPWordGrammar:
 
     START, BAR, POSITION, NOTE, END = range(5)
     NOTE_COST = 1  # compounds per note
+    HEADS = ("family",)  # then field_logits, given the family drawn
 
     def __init__(self, tokenizer: PolyTokenizer, device: torch.device):
         self.tokenizer = tokenizer

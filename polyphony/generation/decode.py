@@ -20,21 +20,21 @@ from .state import Constraints, RowState
 class CachedContext:
     """``prefill`` a right-padded batch of windows, then one ``decode_step`` per token."""
 
-    def __init__(self, model: PolyphonyGPT, batch: int):
-        self.model = model
+    def __init__(self, model: PolyphonyGPT, batch: int, heads: tuple[str, ...]):
+        self.model, self.heads = model, heads
         model.setup_cache(batch, model.config.max_seq_len)
 
     def start(self, ids, tracks, lengths) -> ModelOutput:
-        return self.model.prefill(ids, tracks, lengths)
+        return self.model.prefill(ids, tracks, lengths, self.heads)
 
     def step(self, tokens, tracks) -> ModelOutput:
-        return self.model.decode_step(tokens, tracks)
+        return self.model.decode_step(tokens, tracks, self.heads)
 
 
 class FullForwardContext:
     """The same windows recomputed with a full forward per token: slow, the cache's reference."""
 
-    def __init__(self, model: PolyphonyGPT, batch: int):
+    def __init__(self, model: PolyphonyGPT, batch: int, heads: tuple[str, ...]):
         self.model = model
 
     def start(self, ids, tracks, lengths) -> ModelOutput:
@@ -133,7 +133,8 @@ def _decode(
     state.first_bar.copy_(state.bars)
     if plan.infill is not None:
         # The prompt ends on the region's bar line, which is the piece's: its meter follows as
-        # an existing token. Parts must play in the region, whatever the prefix held.
+        # an existing token. Parts must play in the region, whatever the prefix held; the
+        # tempo in force is the piece's, wherever the shown prefix begins.
         state.after_existing.fill_(True)
         state.played.zero_()
         state.tempo.fill_(plan.infill.tempo)
@@ -144,7 +145,7 @@ def _decode(
     tracks = torch.as_tensor(prompt_tracks, device=device).expand(batch, -1).clone()
     capacity = model.config.max_seq_len
     keep = int(capacity * CONTEXT_KEPT)
-    context = (CachedContext if use_cache else FullForwardContext)(model, batch)
+    context = (CachedContext if use_cache else FullForwardContext)(model, batch, grammar.HEADS)
     header_length = len(plan.header)
     # A prompt that fits is used whole; a longer one is cut like a full context.
     window = _windows(
@@ -189,8 +190,9 @@ def _decode(
 
 
 def compile_decoder(model: PolyphonyGPT) -> None:
-    """torch.compile each decoder block, once (dynamic shapes: the cache grows every step)."""
+    """torch.compile each block's cached step (``Block.step``, what prefill and decode_step
+    run), once; dynamic shapes: the cache grows every step."""
     if not getattr(model, "_blocks_compiled", False):
         for block in model.blocks:
-            block.compile(dynamic=True)
+            block.step = torch.compile(block.step, dynamic=True)
         model._blocks_compiled = True

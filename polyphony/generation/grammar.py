@@ -28,6 +28,7 @@ class Grammar(Protocol):
     START: ClassVar[int]  # the grammar state of a row before its first body token
     END: ClassVar[int]  # after EOS
     NOTE_COST: ClassVar[int]  # tokens one note takes (budget checks)
+    HEADS: ClassVar[tuple[str, ...]]  # the model heads ``choose`` reads at every step
 
     def bar_of(self, ids: np.ndarray) -> np.ndarray:
         """Which of ``ids`` (body tokens) are bar lines."""

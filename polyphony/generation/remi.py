@@ -13,6 +13,7 @@ from ..model import ModelOutput
 from ..tokenizer import (
     PolyTokenizer,
 )
+from .common import N_TRACK_COLUMNS
 from .sampling import Sampling, bar_line_ends_piece, sample
 from .state import (
     Budget,
@@ -41,6 +42,7 @@ class RemiGrammar:
         range(len(STATE_NAMES))
     )
     NOTE_COST = 4  # tokens per note
+    HEADS = ("next_token",)
     FOLLOWS = {
         START: ("Bar",),
         BAR: ("TimeSig",),
@@ -113,6 +115,21 @@ class RemiGrammar:
             ]
         )
         self.ids = torch.arange(size, device=device)
+        # Constants of one step, made once: negated kinds, instrument columns, flag weights.
+        self.not_position, self.not_program = ~self.is_position, ~self.is_program
+        self.not_pitch = ~self.is_pitch
+        self.columns = torch.arange(N_TRACK_COLUMNS, device=device)
+        flag_bits = torch.arange(len(self.FLAGS), device=device)[:, None]
+        self.flag_weights = len(self.STATE_NAMES) << flag_bits  # situation = state + flags @ this
+        # What advance needs to know of a token, in one lookup (one row per token id).
+        self.token_flags = torch.stack(
+            [self.is_bar, self.is_position, self.is_program, self.is_timesig, self.is_tempo,
+             self.is_pitch, self.is_note_part], -1,
+        )  # fmt: skip
+        self.token_values = torch.stack(
+            [self.position_value, self.bar_positions, self.instrument_of, self.pitch_of,
+             self.next_state], -1,
+        )  # fmt: skip
         self.pad_id, self.eos_id = tokenizer.pad_id, tokenizer.eos_id
         self.bar_id = tokenizer.miditok.vocab["Bar_None"]
 
@@ -196,34 +213,35 @@ class RemiGrammar:
         """``[B, V]`` bool: the tokens each row may write next."""
         b = Budget.of(s, c, self.NOTE_COST)
         col = lambda x: x[:, None]  # noqa: E731  [B] -> [B, 1] against the vocabulary
-        flags = (b.closing, b.complete, b.urgent, s.tempo >= 0, s.after_existing)
-        situation = s.grammar + len(self.STATE_NAMES) * sum(
-            f.long() << k for k, f in enumerate(flags)
-        )
+        flags = torch.stack((b.closing, b.complete, b.urgent, s.tempo >= 0, s.after_existing))
+        situation = s.grammar + (flags * self.flag_weights).sum(0)
         allowed = self.structure(c)[situation]
-        # Positions strictly increase within the bar and stay inside it.
-        allowed &= ~self.is_position | (
-            (self.position_value > col(s.position))
-            & (self.position_value < col(s.positions_per_bar))
-        )
-        # In the closing stretch only missing instruments start notes; no instrument starts more
-        # than MAX_NOTES_PER_ONSET notes at one position.
-        forcing = col(b.closing & ~b.complete)
-        blocked = s.chord_full() | (forcing & ~b.missing)
-        allowed &= ~(self.is_program & blocked[:, self.instrument_of])
-        # The training order at one position: instruments in header order, each one's pitches
-        # ascending (so never a pitch twice: MIDI cannot hold the copy). A missing instrument
-        # forced in at the end may break it.
+        # The checks below only narrow Positions, Programs and Pitches: rows about to write
+        # anything else (a Velocity or a Duration: half the tokens of a note) skip them.
+        follows = set().union(*(self.FOLLOWS[state] for state in set(s.grammar.tolist())))
+        if "Position" in follows:
+            # Positions strictly increase within the bar and stay inside it.
+            allowed &= self.not_position | (
+                (self.position_value > col(s.position))
+                & (self.position_value < col(s.positions_per_bar))
+            )
         last, highest = s.onset_order()
-        excused = (forcing & b.missing[:, self.instrument_of]) | (
-            c.entries_unordered & ~s.played[:, self.instrument_of]
-        )
-        in_order = (self.instrument_of >= col(last)) | excused
-        # and an instrument starts a note only while a pitch above its last one remains.
-        in_order &= highest[:, self.instrument_of] < self.top_pitch
-        allowed &= ~self.is_program | in_order
-        rows = torch.arange(len(last), device=last.device)
-        allowed &= ~self.is_pitch | (self.pitch_of > col(highest[rows, s.instrument]))
+        if "Program" in follows:
+            # In the closing stretch only missing instruments start notes; no instrument starts
+            # more than MAX_NOTES_PER_ONSET notes at one position.
+            forcing = col(b.closing & ~b.complete)
+            blocked = s.chord_full() | (forcing & ~b.missing)
+            # The training order at one position: instruments in header order, each one's
+            # pitches ascending (so never a pitch twice: MIDI cannot hold the copy). A missing
+            # instrument forced in at the end may break it.
+            excused = (forcing & b.missing) | (c.entries_unordered & ~s.played)
+            in_order = (self.columns >= col(last)) | excused
+            # and an instrument starts a note only while a pitch above its last one remains.
+            in_order &= ~blocked & (highest < self.top_pitch)
+            allowed &= self.not_program | in_order[:, self.instrument_of]
+        if "Pitch" in follows or "PitchDrum" in follows:
+            rows = torch.arange(len(last), device=last.device)
+            allowed &= self.not_pitch | (self.pitch_of > col(highest[rows, s.instrument]))
         if c.existing is not None:
             allowed = self._arrange(allowed, s, c.existing)
         return allowed
@@ -254,9 +272,12 @@ class RemiGrammar:
         allowed = self.allowed(s, c)
         _check_choices(allowed, s, self.END)
         logits = out.logits["next_token"]
+        # Each adjustment below changes nothing when no row needs it (most steps): skipped then.
         in_last_bar = (s.bars >= c.target_bars) & allowed[:, self.eos_id]
-        logits = bar_line_ends_piece(logits, in_last_bar, self.bar_id, self.eos_id)
-        if sampling.steer and c.targets is not None:
+        if bool(in_last_bar.any()):
+            logits = bar_line_ends_piece(logits, in_last_bar, self.bar_id, self.eos_id)
+        steered = sampling.steer and c.targets is not None
+        if steered and bool((allowed & self.is_program).any()):  # some row may start a note
             bonus = s.steering(c.targets, sampling.steer)[:, self.instrument_of]
             logits = logits + torch.where(self.is_program, bonus, 0.0)
         return sample(logits, allowed, sampling.temperature, sampling.top_k, sampling.top_p, gen)
@@ -284,23 +305,20 @@ class RemiGrammar:
             s.after_existing = existing
             active = active & ~existing
         s.new_tokens += active
-        is_bar, is_position = self.is_bar[tokens], self.is_position[tokens]
-        is_program, is_timesig = self.is_program[tokens], self.is_timesig[tokens]
+        is_bar, is_position, is_program, is_timesig, is_tempo, is_pitch, is_note_part = (
+            self.token_flags[tokens].unbind(-1)
+        )
+        values = self.token_values[tokens].unbind(-1)
+        position, bar_positions, instrument, pitch, next_state = values
         s.bars += is_bar
-        s.position = torch.where(
-            is_bar, -1, torch.where(is_position, self.position_value[tokens], s.position)
-        )
-        s.positions_per_bar = torch.where(
-            is_timesig, self.bar_positions[tokens], s.positions_per_bar
-        )
-        s.tempo = torch.where(self.is_tempo[tokens], tokens, s.tempo)
-        s.instrument = torch.where(is_program, self.instrument_of[tokens], s.instrument)
+        s.position = torch.where(is_bar, -1, torch.where(is_position, position, s.position))
+        s.positions_per_bar = torch.where(is_timesig, bar_positions, s.positions_per_bar)
+        s.tempo = torch.where(is_tempo, tokens, s.tempo)
+        s.instrument = torch.where(is_program, instrument, s.instrument)
         s.mark_played(s.instrument, is_program)
-        s.mark_onset(
-            is_bar | is_position, s.instrument, self.pitch_of[tokens], self.is_pitch[tokens]
-        )
-        s.grammar = self.next_state[tokens]
-        return torch.where(is_program | self.is_note_part[tokens], s.instrument, GLOBAL_TRACK)
+        s.mark_onset(is_bar | is_position, s.instrument, pitch, is_pitch)
+        s.grammar = next_state
+        return torch.where(is_program | is_note_part, s.instrument, GLOBAL_TRACK)
 
     def padding(self, batch: int, device) -> torch.Tensor:
         return torch.full((batch,), self.pad_id, dtype=torch.long, device=device)

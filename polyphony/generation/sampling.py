@@ -82,8 +82,8 @@ def sample(
     field a compound does not use this step) get id 0; the grammar checks that every choice a
     row does use has at least one legal id.
     """
-    logits = logits.float().masked_fill(~allowed, float("-inf"))
-    logits[:, :1] = logits[:, :1].masked_fill(~allowed.any(-1, keepdim=True), 0.0)
+    logits = torch.where(allowed, logits.float(), float("-inf"))
+    logits[:, :1].masked_fill_(~allowed.any(-1, keepdim=True), 0.0)
     per_row = isinstance(temperature, torch.Tensor)
     if not per_row and temperature == 0:
         return logits.argmax(-1)
