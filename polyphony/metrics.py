@@ -145,6 +145,22 @@ def bar_lines(score: Score, tpq: int, piece_end: int) -> tuple[np.ndarray, np.nd
     return np.concatenate(starts), np.concatenate(lengths)
 
 
+def piece_bar_lines(score: Score) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`bar_lines` up to the end of the score's last note (its starts and lengths)."""
+    end = max((t.end() for t in score.tracks if t.notes), default=0)
+    return bar_lines(score, score.ticks_per_quarter, end + 1)
+
+
+def notes_by_instrument(score: Score) -> dict[int, list[tuple[int, int, int, int]]]:
+    """Every note as (time, duration, pitch, velocity), sorted, by instrument (drums 128)."""
+    table: dict[int, list[tuple[int, int, int, int]]] = {}
+    for track in score.tracks:
+        n = track.notes.numpy()
+        rows = zip(*(n[k].tolist() for k in ("time", "duration", "pitch", "velocity")), strict=True)
+        table.setdefault(program_to_instrument(track.program, track.is_drum), []).extend(rows)
+    return {i: sorted(rows) for i, rows in table.items()}
+
+
 # --------------------------------------------------------------------------------------------
 # Pitch metrics (drums excluded)
 

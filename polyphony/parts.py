@@ -22,12 +22,13 @@ from typing import Any
 import numpy as np
 from symusic import Score, Tempo, TimeSignature
 
+from .densities import resolve
 from .evaluate import split_pieces
 from .instruments import DRUMS
 from .metrics import (
-    bar_lines,
     groove_consistency,
     instrument_fidelity,
+    piece_bar_lines,
     pitch_class_entropy,
     scale_consistency,
     track_densities,
@@ -61,8 +62,7 @@ def report_family(instrument: int) -> str:
 def excerpt(score: Score, first_bar: int, n_bars: int) -> Score | None:
     """Bars ``first_bar .. first_bar + n_bars`` of ``score``, moved to tick 0 with the tempo
     and meter in force there; None if the piece is shorter."""
-    end = max((t.end() for t in score.tracks if t.notes), default=0)
-    starts, lengths = bar_lines(score, score.ticks_per_quarter, end + 1)
+    starts, lengths = piece_bar_lines(score)
     if first_bar + n_bars > len(starts):
         return None
     last = first_bar + n_bars
@@ -109,9 +109,13 @@ def _median(values) -> float | None:
     return statistics.median(values) if values else None
 
 
-def part_figures(pairs: list[tuple[Score, Score]], n_bars: int) -> dict[str, Any]:
+def part_figures(
+    pairs: list[tuple[Score, Score]], n_bars: int, asked: list[dict[int, float]] | None = None
+) -> dict[str, Any]:
     """Generated vs real over (generated, real excerpt) pairs that ask for the same parts; a
-    requested part that stayed silent counts as 0 notes per bar."""
+    requested part that stayed silent counts as 0 notes per bar. ``asked``: the densities each
+    request asked for (per pair), reported beside them, so that a gap can be told apart into
+    the model missing its target and the target missing the music."""
     rates: dict[str, list[tuple[int, float]]] = {"generated": [], "real": []}
     metrics = {side: {name: [] for name in MUSIC_METRICS} for side in rates}
     fidelity = []
@@ -138,6 +142,14 @@ def part_figures(pairs: list[tuple[Score, Score]], n_bars: int) -> dict[str, Any
             "parts_per_family": {f: len(v) for f, v in sorted(by_family.items())},
             **{name: float(np.mean(v)) if v else None for name, v in metrics[side].items()},
         }
+    if asked is not None:
+        by_family = {}
+        for targets in asked:
+            for instrument, per_bar in targets.items():
+                by_family.setdefault(report_family(instrument), []).append(per_bar)
+        table["asked"] = {
+            "median_per_family": {f: _median(v) for f, v in sorted(by_family.items())}
+        }
     table["precision"] = float(np.mean([f["precision"] for f in fidelity if f]))
     table["recall"] = float(np.mean([f["recall"] for f in fidelity if f]))
     return table
@@ -151,7 +163,7 @@ def requests_from_excerpts(
     generate()'s temperature / top_k / top_p."""
     from .generation import generate
 
-    pairs = []
+    pairs, asked = [], []
     for index, (_, real) in enumerate(excerpts):
         request = instruments_of(real)
         pitched = [i for i in request if i != DRUMS][:15]
@@ -167,7 +179,8 @@ def requests_from_excerpts(
             **sampling,
         )
         pairs.append((score, real))
-    return part_figures(pairs, n_bars)
+        asked.append(resolve(checkpoint.densities, request, density or {}))
+    return part_figures(pairs, n_bars, asked)
 
 
 # ------------------------------------------------------------------------------- controls
@@ -268,7 +281,7 @@ def format_report(report: dict[str, Any]) -> str:
     lines = [
         f"{report['excerpts']} requests (16-bar excerpts of held-out band pieces), "
         f"{real['parts']} parts",
-        f"{'':24}{'generated':>11}{'real':>9}{'gap':>9}",
+        f"{'':24}{'generated':>11}{'real':>9}{'gap':>9}{'asked':>9}",
         f"{'thin parts (<0.5/bar)':24}{generated['thin_fraction']:>11.1%}"
         f"{real['thin_fraction']:>9.1%}"
         f"{100 * (generated['thin_fraction'] - real['thin_fraction']):>+8.1f}p",
@@ -277,9 +290,10 @@ def format_report(report: dict[str, Any]) -> str:
         mine = generated["median_per_family"].get(family)
         gap = None if not value or mine is None else 100 * (mine / value - 1)
         parts_count = real["parts_per_family"][family]
+        target = requests.get("asked", {}).get("median_per_family", {}).get(family)
         lines.append(
             f"{family + f' ({parts_count}) /bar':24}{_number(mine):>11}{_number(value):>9}"
-            f"{_number(gap, '+.0f'):>8}%"
+            f"{_number(gap, '+.0f'):>8}%{_number(target):>9}"
         )
     for name in MUSIC_METRICS:
         mine, value = generated[name], real[name]

@@ -32,31 +32,32 @@ from polyphony.generation.grammar import grammar_for  # noqa: E402
 from polyphony.generation.infill import plan_infill  # noqa: E402
 from polyphony.generation.sampling import Sampling  # noqa: E402
 from polyphony.instruments import DRUMS, program_to_instrument  # noqa: E402
-from polyphony.metrics import bar_lines, pitch_class_entropy, scale_consistency  # noqa: E402
+from polyphony.metrics import (  # noqa: E402
+    notes_by_instrument,
+    piece_bar_lines,
+    pitch_class_entropy,
+    scale_consistency,
+)
 from polyphony.parts import band_excerpts, excerpt, report_family  # noqa: E402
 
 FIRST, LAST, EXCERPT_BARS = 7, 10, 16
 
 
-def notes(score: Score) -> dict[int, list[tuple]]:
-    table: dict[int, list[tuple]] = {}
-    for track in score.tracks:
-        n = track.notes.numpy()
-        rows = zip(*(n[k].tolist() for k in ("time", "duration", "pitch", "velocity")), strict=True)
-        table.setdefault(program_to_instrument(track.program, track.is_drum), []).extend(rows)
-    return {i: sorted(r) for i, r in table.items()}
-
-
 def outside_kept(original: Score, result: Score, begin: int, end: int) -> bool:
     def outside(score):
-        return {i: [n for n in rows if not begin <= n[0] < end] for i, rows in notes(score).items()}
+        return {
+            i: [n for n in rows if not begin <= n[0] < end]
+            for i, rows in notes_by_instrument(score).items()
+        }
 
     a, b = outside(original), outside(result)
     return all(a.get(i, []) == b.get(i, []) for i in set(a) | set(b))
 
 
 def region_counts(score: Score, begin: int, end: int) -> dict[int, int]:
-    return {i: sum(begin <= n[0] < end for n in rows) for i, rows in notes(score).items()}
+    return {
+        i: sum(begin <= n[0] < end for n in rows) for i, rows in notes_by_instrument(score).items()
+    }
 
 
 def evaluate(checkpoint, excerpts, tracks_of, look_ahead: bool, seed: int) -> dict:
@@ -82,7 +83,7 @@ def evaluate(checkpoint, excerpts, tracks_of, look_ahead: bool, seed: int) -> di
         new_region = excerpt(result, FIRST - 1, LAST - FIRST + 1)
         if region is None:
             continue
-        starts = _bar_starts(original)
+        starts = piece_bar_lines(original)[0]
         begin, end = int(starts[FIRST - 1]), int(starts[LAST])
         kept.append(outside_kept(original, result, begin, end))
         before, after = region_counts(original, begin, end), region_counts(result, begin, end)
@@ -116,11 +117,6 @@ def evaluate(checkpoint, excerpts, tracks_of, look_ahead: bool, seed: int) -> di
             for name, pairs in metric_pairs.items()
         },
     }
-
-
-def _bar_starts(score: Score):
-    end = max((t.end() for t in score.tracks if t.notes), default=0)
-    return bar_lines(score, score.ticks_per_quarter, end + 1)[0]
 
 
 def bass_and_drums(score: Score) -> list[int]:
@@ -164,7 +160,7 @@ def main() -> None:
     excerpts = band_excerpts(args.dataset, args.corpus, EXCERPT_BARS, args.per_piece, stride=8)
     results = {}
     for tracks_name, tracks_of in (
-        ("all tracks", lambda score: sorted(notes(score))),
+        ("all tracks", lambda score: sorted(notes_by_instrument(score))),
         ("bass + drums", bass_and_drums),
     ):
         for look_ahead, mode in ((True, "infill"), (False, "continuation baseline")):

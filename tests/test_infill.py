@@ -16,7 +16,7 @@ from symusic import Score
 
 from polyphony.generation import GenerationError, generate, load_checkpoint
 from polyphony.instruments import DRUMS, program_to_instrument
-from polyphony.metrics import bar_lines
+from polyphony.metrics import bar_lines, notes_by_instrument, piece_bar_lines
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -41,30 +41,15 @@ def pieces(fixture_midi_dir, checkpoint, tmp_path_factory) -> list[tuple[Path, S
     out = []
     for path in sorted((fixture_midi_dir / "band").glob("*.mid")):
         score = Score(str(path))
-        starts = bar_starts(score)
+        starts = piece_bar_lines(score)[0]
         if len(starts) < 13:
             continue
         short = directory / path.name
         score.clip(0, int(starts[12]), clip_end=True).dump_midi(short)
         quantised = checkpoint.tokenizer.decode(checkpoint.tokenizer.encode(Score(str(short))).ids)
-        out.append((short, quantised, bar_starts(quantised)))
+        out.append((short, quantised, piece_bar_lines(quantised)[0]))
     assert len(out) >= 3, "the band fixtures should give several 12-bar pieces"
     return out
-
-
-def bar_starts(score: Score):
-    end = max((t.end() for t in score.tracks if t.notes), default=0)
-    starts, _ = bar_lines(score, score.ticks_per_quarter, end + 1)
-    return starts
-
-
-def notes_by_instrument(score: Score) -> dict[int, list[tuple[int, int, int, int]]]:
-    table = {}
-    for track in score.tracks:
-        n = track.notes.numpy()
-        rows = zip(*(n[k].tolist() for k in ("time", "duration", "pitch", "velocity")), strict=True)
-        table.setdefault(program_to_instrument(track.program, track.is_drum), []).extend(rows)
-    return {i: sorted(rows) for i, rows in table.items()}
 
 
 def split(notes, begin, end):

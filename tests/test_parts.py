@@ -45,7 +45,8 @@ def test_part_figures_count_thin_parts_and_family_medians():
     real = piece({0: [4], 33: [2], DRUMS: [8]})
     generated = piece({0: [6], 33: [0, 0, 0, 1], DRUMS: [8]})  # bass: 2 notes in 8 bars
     write_request(generated, [0, 33, DRUMS])
-    figures = part_figures([(generated, real)], n_bars=8)
+    figures = part_figures([(generated, real)], n_bars=8, asked=[{0: 5.0, 33: 3.0, 34: 4.0}])
+    assert figures["asked"]["median_per_family"] == {"bass": 3.5, "piano/keys": 5.0}
     assert figures["real"]["thin_fraction"] == 0.0
     assert figures["generated"]["thin_fraction"] == pytest.approx(1 / 3)  # the bass, 0.25/bar
     assert figures["generated"]["median_per_family"] == {

@@ -19,7 +19,7 @@ from symusic import Score
 from ..data.fim import fim_layout
 from ..densities import family_of
 from ..instruments import program_to_instrument as _instrument
-from ..metrics import bar_lines
+from ..metrics import piece_bar_lines
 from ..tokenizer import PolyTokenizer
 from .common import CONTEXT_KEPT, FIELD, MAX_BARS, GenerationError
 from .plan import (
@@ -211,8 +211,7 @@ def infill_ids(tokenizer: PolyTokenizer, plan: Plan, row: np.ndarray) -> np.ndar
 def clip_to_region(score: Score, plan: Plan) -> None:
     """New notes end where the region does: no note of a regenerated track that starts in the
     region rings into the suffix."""
-    notes_end = max((t.end() for t in score.tracks if t.notes), default=0)
-    starts, _ = bar_lines(score, score.ticks_per_quarter, notes_end + 1)
+    starts, _ = piece_bar_lines(score)
     first, last = plan.infill.bars
     if last >= len(starts):
         return
