@@ -82,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     how.add_argument(
         "--field-temperature",
         metavar="F=T,...",
-        help="CPWord: per field, e.g. pitch=0.9,duration=0.8",
+        help="a temperature per field, e.g. pitch=0.9,duration=0.8 (REMI: pitch, velocity, duration)",
     )
     how.add_argument(
         "--steer",

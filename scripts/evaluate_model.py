@@ -26,7 +26,12 @@ from pathlib import Path
 
 from polyphony import parts
 from polyphony.evaluate import evaluate_model, format_nll, format_table, validation_nll
-from polyphony.generation import DEFAULT_STEER, DEFAULT_TOP_P, load_checkpoint
+from polyphony.generation import (
+    DEFAULT_STEER,
+    DEFAULT_TOP_P,
+    load_checkpoint,
+    parse_field_temperature,
+)
 
 
 def main() -> None:
@@ -41,6 +46,9 @@ def main() -> None:
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--top-p", type=float, default=DEFAULT_TOP_P)
     parser.add_argument("--steer", type=float, default=DEFAULT_STEER, help="--parts requests")
+    parser.add_argument(
+        "--field-temperature", metavar="F=T,...", help="--parts requests (default: generate's)"
+    )
     parser.add_argument("--nll", action="store_true", help="also score the validation split")
     parser.add_argument("--parts", action="store_true", help="the full-parts checks instead")
     parser.add_argument("--per-piece", type=int, default=4, help="--parts: excerpts per piece")
@@ -86,6 +94,8 @@ def run_parts(args: argparse.Namespace) -> None:
     # piece long enough; continuation and arrangement take each piece's first excerpt.
     excerpts = parts.band_excerpts(args.dataset, args.corpus, 16, args.per_piece, stride=8)
     sampling = {"temperature": args.temperature, "top_p": args.top_p, "steer": args.steer}
+    if args.field_temperature is not None:
+        sampling["field_temperature"] = parse_field_temperature(args.field_temperature)
     report = {"excerpts": len(excerpts), "sampling": sampling}
     if not args.checks_only:
         report["requests"] = parts.requests_from_excerpts(

@@ -47,6 +47,7 @@ from polyphony.generation import (
     validate_score,
     write_midi,
 )
+from polyphony.generation.common import DEFAULT_FIELD_SCALES
 from polyphony.generation.decode import _windows
 from polyphony.generation.infill import infill_ids, plan_infill
 from polyphony.generation.output import _end_at_bar_line
@@ -512,6 +513,32 @@ def test_cached_decode_matches_full_forward(checkpoints, kind):
     assert max(len(ids) for ids in cached) > CONTEXT, "too short to exercise the context refill"
     for a, b in zip(cached, full, strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def test_remi_field_temperatures_apply_to_the_note_steps_only(checkpoints):
+    """A REMI model takes a temperature for a note's pitch, velocity and duration steps: greedy
+    elsewhere and sampled pitches, the seeds give different pieces; greedy pitches too, one."""
+    checkpoint = checkpoints["remi"]
+    plan = make_plan(
+        checkpoint.tokenizer, checkpoint.densities, instruments="piano, bass", bars=4,
+        max_tokens=120,
+    )  # fmt: skip
+
+    def pieces(field_temperature):
+        sampling = Sampling(temperature=0.0, field_temperature=field_temperature).check("remi")
+        return {
+            tuple(sample_tokens(checkpoint, plan, sampling, num_samples=1, seed=seed)[0].tolist())
+            for seed in range(4)
+        }
+
+    assert len(pieces({})) == 1  # greedy pitches by default too: the default is a scale
+    assert len(pieces({"pitch": 0.0, "duration": 0.0})) == 1
+    assert len(pieces({"pitch": 1.5})) > 1
+    scale = DEFAULT_FIELD_SCALES["pitch"]
+    assert Sampling(temperature=1.2).of("pitch") == pytest.approx(1.2 * scale)
+    assert Sampling(temperature=1.2, field_temperature={"pitch": 1.0}).of("pitch") == 1.0
+    with pytest.raises(GenerationError, match="pitch, velocity, duration"):
+        Sampling(field_temperature={"tempo": 0.5}).check("remi")
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -73,6 +73,7 @@ class RemiGrammar:
             return table([k in kinds for k in self.kinds], torch.bool)
 
         self.size = size
+        self._temperature_tables: dict[tuple, torch.Tensor] = {}
         self.is_bar, self.is_timesig = of_kind("Bar"), of_kind("TimeSig")
         self.is_position, self.is_tempo = of_kind("Position"), of_kind("Tempo")
         self.is_program, self.is_eos = of_kind("Program"), of_kind("EOS")
@@ -280,7 +281,24 @@ class RemiGrammar:
         if steered and bool((allowed & self.is_program).any()):  # some row may start a note
             bonus = s.steering(c.targets, sampling.steer)[:, self.instrument_of]
             logits = logits + torch.where(self.is_program, bonus, 0.0)
-        return sample(logits, allowed, sampling.temperature, sampling.top_k, sampling.top_p, gen)
+        # Each row's temperature is that of the field its state draws next (pitch, velocity,
+        # duration, or the temperature itself); batch 1 keeps the scalar path.
+        table = self._field_temperatures(sampling, logits.device)
+        temperature = table[s.grammar] if len(s.grammar) > 1 else float(table[int(s.grammar)])
+        return sample(logits, allowed, temperature, sampling.top_k, sampling.top_p, gen)
+
+    def _field_temperatures(self, sampling: Sampling, device) -> torch.Tensor:
+        """The temperature of the token drawn after each grammar state (cached per setting)."""
+        key = (sampling.temperature, tuple(sorted(sampling.field_temperature.items())), device)
+        if key not in self._temperature_tables:
+            table = [sampling.temperature] * len(self.STATE_NAMES)
+            for state, name in (
+                (self.PROGRAM, "pitch"), (self.DRUM_PROGRAM, "pitch"), (self.PITCH, "velocity"),
+                (self.VELOCITY, "duration"),
+            ):  # fmt: skip
+                table[state] = sampling.of(name)
+            self._temperature_tables[key] = torch.tensor(table, device=device)
+        return self._temperature_tables[key]
 
     def violation(self, s: RowState, token: torch.Tensor, c: Constraints) -> str | None:
         """Why ``token`` may not come next in row 0, or None if it may."""

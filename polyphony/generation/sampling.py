@@ -7,16 +7,23 @@ from dataclasses import dataclass, field
 import torch
 
 from ..config import CPWORD_FIELDS
-from .common import DEFAULT_STEER, DEFAULT_TOP_P, GenerationError
+from .common import DEFAULT_FIELD_SCALES, DEFAULT_STEER, DEFAULT_TOP_P, GenerationError
+
+# The fields a REMI step can be given a temperature of: the only steps that draw one kind of
+# token (after a Program, a Pitch; after it, a Velocity; then a Duration).
+REMI_FIELDS = ("pitch", "velocity", "duration")
 
 
 @dataclass(frozen=True)
 class Sampling:
     """How the next token is drawn from the (masked) logits.
 
-    ``temperature`` 0 is greedy. ``top_k`` 0 and ``top_p`` 1.0 are off. CPWord models draw each
-    field of a compound separately; ``field_temperature`` overrides the temperature per field
-    (``{"pitch": 0.9, "duration": 0.8}``).
+    ``temperature`` 0 is greedy. ``top_k`` 0 and ``top_p`` 1.0 are off. ``field_temperature``
+    sets the temperature of a field (``{"pitch": 0.9, "duration": 0.8}``): CPWord models draw
+    each field of a compound separately; REMI models draw a note's pitch, velocity and duration
+    as tokens of their own, so those three steps take their field's temperature. A field not
+    given is drawn at ``temperature`` times its default scale (``DEFAULT_FIELD_SCALES``: pitches
+    0.9, the rest 1).
     """
 
     temperature: float = 1.0
@@ -34,22 +41,23 @@ class Sampling:
             raise GenerationError(f"top_p={self.top_p}: must be in (0, 1] (1 = off)")
         if not 0 <= self.steer <= 20:
             raise GenerationError(f"steer={self.steer}: must be in 0..20 (nats; 0 = off)")
-        if self.field_temperature and tokenization != "cpword":
-            raise GenerationError(
-                "field temperatures apply to CPWord models (one distribution per field); this "
-                "model is REMI: use --temperature"
-            )
+        fields = CPWORD_FIELDS if tokenization == "cpword" else REMI_FIELDS
         for name, value in self.field_temperature.items():
-            if name not in CPWORD_FIELDS:
+            if name not in fields:
                 raise GenerationError(
-                    f"unknown field {name!r} in field temperatures: use {', '.join(CPWORD_FIELDS)}"
+                    f"unknown field {name!r} in field temperatures: this {tokenization.upper()} "
+                    f"model takes {', '.join(fields)}"
                 )
             if value < 0:
                 raise GenerationError(f"field temperature {name}={value}: must be >= 0")
         return self
 
     def of(self, name: str) -> float:
-        return self.field_temperature.get(name, self.temperature)
+        """The temperature of one field: as given, else the temperature times the field's
+        default scale (pitch 0.9; greedy stays greedy)."""
+        if name in self.field_temperature:
+            return self.field_temperature[name]
+        return self.temperature * DEFAULT_FIELD_SCALES.get(name, 1.0)
 
 
 def parse_field_temperature(text: str | None) -> dict[str, float]:
