@@ -25,6 +25,13 @@ from .state import (
     positions_per_bar,
 )
 
+NOTE_FIELDS = {
+    "Pitch": "pitch",
+    "PitchDrum": "pitch",
+    "Velocity": "velocity",
+    "Duration": "duration",
+}
+
 
 class RemiGrammar:
     """Grammar states of a REMI body and the tokens that may follow each one.
@@ -291,12 +298,13 @@ class RemiGrammar:
         """The temperature of the token drawn after each grammar state (cached per setting)."""
         key = (sampling.temperature, tuple(sorted(sampling.field_temperature.items())), device)
         if key not in self._temperature_tables:
-            table = [sampling.temperature] * len(self.STATE_NAMES)
-            for state, name in (
-                (self.PROGRAM, "pitch"), (self.DRUM_PROGRAM, "pitch"), (self.PITCH, "velocity"),
-                (self.VELOCITY, "duration"),
-            ):  # fmt: skip
-                table[state] = sampling.of(name)
+            # A state followed by one kind of token only draws that field (FOLLOWS says which).
+            table = [
+                sampling.of(NOTE_FIELDS[kinds[0]])
+                if len(kinds) == 1 and kinds[0] in NOTE_FIELDS
+                else sampling.temperature
+                for _, kinds in sorted(self.FOLLOWS.items())
+            ]
             self._temperature_tables[key] = torch.tensor(table, device=device)
         return self._temperature_tables[key]
 
