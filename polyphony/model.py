@@ -461,13 +461,20 @@ class PolyphonyGPT(nn.Module):
             raise RuntimeError("decode_step before prefill: call prefill(prompt, tracks, lengths)")
         self._check_ids(input_ids, track_ids, step=True)
         slot = self._claim_slots(input_ids.shape[0], 1)
-        positions = self._cache_positions
         key_mask = None if self._key_mask is None else self._key_mask[..., : slot + 1]
+        hidden, logits = self._decode_one(
+            input_ids, track_ids, self._cache_positions, slot, key_mask, heads
+        )
+        return ModelOutput(logits=logits, hidden=hidden)
+
+    def _decode_one(self, input_ids, track_ids, positions, slot: int, key_mask, heads):
+        """The arithmetic of ``decode_step``, the one function ``compile_decoder`` compiles: the
+        whole trunk and the heads as one graph, ``slot`` (the keys written so far) symbolic."""
         x = self._embed(input_ids, track_ids)  # [B, D]
         cos, sin = self._rotary_cos[positions], self._rotary_sin[positions]  # [B, 1, 1, hd]
         hidden = self._cached_trunk(x, cos, sin, slot, key_mask)
         positions += 1
-        return ModelOutput(logits=self._cached_logits(hidden, heads), hidden=hidden)
+        return hidden, self._cached_logits(hidden, heads)
 
     # ------------------------------------------------------------------ sizes
     def num_parameters(self, non_embedding: bool = False) -> int:

@@ -146,6 +146,34 @@ def test_cached_decode_matches_full_forward(kind, n_kv_heads, prompt_lengths):
     assert max_diff <= 1e-5
 
 
+def test_compiled_decode_step_matches_eager_and_never_recompiles():
+    # compile_decoder traces one static-shape graph per batch size: every step of a ragged
+    # batch must reuse it (a recompile raises here) and give the eager step's logits.
+    import copy
+
+    import torch._dynamo
+
+    from polyphony.generation import compile_decoder
+
+    eager = tiny_model(max_seq_len=16)
+    compiled = copy.deepcopy(eager)
+    compile_decoder(compiled)
+    ids, tracks = random_batch("remi", 2, 14, seed=4)
+    lengths = torch.tensor([5, 3])
+    for model in (eager, compiled):
+        model.setup_cache(batch_size=2, max_len=14)
+    outs = [model.prefill(ids[:, :5], tracks[:, :5], lengths) for model in (eager, compiled)]
+    positions, rows = lengths.clone(), torch.arange(2)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for _ in range(8):
+            for name in outs[0].logits:
+                torch.testing.assert_close(outs[1].logits[name], outs[0].logits[name])
+            step = (ids[rows, positions], tracks[rows, positions])
+            outs = [model.decode_step(*step) for model in (eager, compiled)]
+            positions += 1
+    assert compiled._decoder_compiled
+
+
 @pytest.mark.parametrize("kind, head", [("remi", "next_token"), ("cpword", "family")])
 def test_cached_steps_compute_only_the_heads_asked_for(kind, head):
     model = tiny_model(kind)

@@ -190,9 +190,10 @@ def _decode(
 
 
 def compile_decoder(model: PolyphonyGPT) -> None:
-    """torch.compile each block's cached step (``Block.step``, what prefill and decode_step
-    run), once; dynamic shapes: the cache grows every step."""
-    if not getattr(model, "_blocks_compiled", False):
-        for block in model.blocks:
-            block.step = torch.compile(block.step, dynamic=True)
-        model._blocks_compiled = True
+    """torch.compile the model's decode step (``PolyphonyGPT._decode_one``: the whole trunk and
+    the heads, gpt-fast's ``decode_one_token``) as one graph, once. The number of keys grows
+    every step and is symbolic (``dynamic=True``), so one graph serves every step; attention
+    still reads only the keys written. Prefill stays eager: it runs once per window."""
+    if not getattr(model, "_decoder_compiled", False):
+        model._decode_one = torch.compile(model._decode_one, fullgraph=True, dynamic=True)
+        model._decoder_compiled = True
