@@ -12,8 +12,8 @@ vocabulary (632 tokens), float32, dropout 0, the same thread count. Each generat
 * polyphony: ``polyphony.generation.sample_tokens`` (grammar and instrument constraints, per-row
   state, tqdm off) with a bar budget too large to end the piece, so it runs to the token cap
   (the closing rules end it within the last few tokens); eager, and with ``--compile``
-  (``compile_decoder``: torch.compile of each block's cached step, compiled during the warm-up
-  run, whose time is reported); CPWord rows for reference;
+  (``compile_decoder``: torch.compile of the whole decode step as one graph, compiled during the
+  warm-up run, whose time is reported); CPWord rows for reference;
 * GPT-2: ``generate(do_sample=True, top_k=0, min_new_tokens=N, max_new_tokens=N, use_cache=True)``.
 
 notes/s counts the notes of the decoded output (GPT-2's unconstrained tokens are decoded by the

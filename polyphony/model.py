@@ -250,7 +250,7 @@ class PolyphonyGPT(nn.Module):
         self.kv_caches: list[KVCache] = []  # filled by setup_cache
         self._cache_positions: torch.Tensor | None = None  # [B, 1] next position of each row
         self._cache_slots = 0  # slots in use, a Python int: no device sync per step
-        self._key_mask: torch.Tensor | None = None  # [B, 1, 1, max_len] real slots (ragged rows)
+        self._key_mask: torch.Tensor | None = None  # [B, 1, 1, max_len] slots rows may see
         self._init_weights()
 
     def _init_weights(self):
@@ -445,11 +445,10 @@ class PolyphonyGPT(nn.Module):
         hidden = self._cached_trunk(x, self._rotary_cos[:T], self._rotary_sin[:T], slot=0)
         hidden = hidden.view(B, T, -1)[torch.arange(B, device=hidden.device), lengths - 1]
         self._cache_positions = lengths[:, None].clone()  # [B, 1]: the next token's position
-        # Decode steps hide a shorter row's padding slots; rows of one length need no mask.
-        self._key_mask = None
-        if bool((lengths < T).any()):
-            slots = torch.arange(self.kv_caches[0].k.shape[2], device=lengths.device)
-            self._key_mask = ((slots < lengths[:, None]) | (slots >= T))[:, None, None]
+        # Decode steps hide a shorter row's padding slots. Rows of one length get an all-true
+        # mask rather than none: the compiled step (compile_decoder) sees one input structure.
+        slots = torch.arange(self.kv_caches[0].k.shape[2], device=lengths.device)
+        self._key_mask = ((slots < lengths[:, None]) | (slots >= T))[:, None, None]
         return ModelOutput(logits=self._cached_logits(hidden, heads), hidden=hidden)
 
     @torch.no_grad()
@@ -461,20 +460,19 @@ class PolyphonyGPT(nn.Module):
             raise RuntimeError("decode_step before prefill: call prefill(prompt, tracks, lengths)")
         self._check_ids(input_ids, track_ids, step=True)
         slot = self._claim_slots(input_ids.shape[0], 1)
-        key_mask = None if self._key_mask is None else self._key_mask[..., : slot + 1]
-        hidden, logits = self._decode_one(
-            input_ids, track_ids, self._cache_positions, slot, key_mask, heads
-        )
-        return ModelOutput(logits=logits, hidden=hidden)
+        key_mask = self._key_mask[..., : slot + 1]
+        hidden = self._decode_one(input_ids, track_ids, self._cache_positions, slot, key_mask)
+        return ModelOutput(logits=self._cached_logits(hidden, heads), hidden=hidden)
 
-    def _decode_one(self, input_ids, track_ids, positions, slot: int, key_mask, heads):
-        """The arithmetic of ``decode_step``, the one function ``compile_decoder`` compiles: the
-        whole trunk and the heads as one graph, ``slot`` (the keys written so far) symbolic."""
+    def _decode_one(self, input_ids, track_ids, positions, slot: int, key_mask) -> torch.Tensor:
+        """The trunk of ``decode_step``, the one function ``compile_decoder`` compiles: tensors
+        and the number of keys written (``slot``, symbolic) in, the hidden state out; the heads
+        stay outside so that the graph is the same whatever heads a caller asks for."""
         x = self._embed(input_ids, track_ids)  # [B, D]
         cos, sin = self._rotary_cos[positions], self._rotary_sin[positions]  # [B, 1, 1, hd]
         hidden = self._cached_trunk(x, cos, sin, slot, key_mask)
         positions += 1
-        return hidden, self._cached_logits(hidden, heads)
+        return hidden
 
     # ------------------------------------------------------------------ sizes
     def num_parameters(self, non_embedding: bool = False) -> int:

@@ -147,9 +147,12 @@ def test_cached_decode_matches_full_forward(kind, n_kv_heads, prompt_lengths):
 
 
 def test_compiled_decode_step_matches_eager_and_never_recompiles():
-    # compile_decoder traces one static-shape graph per batch size: every step of a ragged
-    # batch must reuse it (a recompile raises here) and give the eager step's logits.
+    # compile_decoder keeps only tensor guards. After a request's first step (which may trace
+    # for a new cache length) no step may trace again (a recompile raises), and every step must
+    # give the eager step's logits: ragged rows and rows of one length, whatever heads are
+    # asked for, and a larger cache whose positions run past the first one's.
     import copy
+    from contextlib import nullcontext
 
     import torch._dynamo
 
@@ -158,18 +161,25 @@ def test_compiled_decode_step_matches_eager_and_never_recompiles():
     eager = tiny_model(max_seq_len=16)
     compiled = copy.deepcopy(eager)
     compile_decoder(compiled)
-    ids, tracks = random_batch("remi", 2, 14, seed=4)
-    lengths = torch.tensor([5, 3])
-    for model in (eager, compiled):
-        model.setup_cache(batch_size=2, max_len=14)
-    outs = [model.prefill(ids[:, :5], tracks[:, :5], lengths) for model in (eager, compiled)]
-    positions, rows = lengths.clone(), torch.arange(2)
-    with torch._dynamo.config.patch(error_on_recompile=True):
-        for _ in range(8):
+    ids, tracks = random_batch("remi", 2, 40, seed=4)
+    heads_cycle = (None, ("next_token",), ("next_type", "next_instrument"))
+    for lengths, cache in (([5, 3], 14), ([5, 5], 14), ([5, 2], 40)):
+        lengths = torch.tensor(lengths)
+        for model in (eager, compiled):
+            model.setup_cache(batch_size=2, max_len=cache)
+        outs = [model.prefill(ids[:, :5], tracks[:, :5], lengths) for model in (eager, compiled)]
+        positions, rows = lengths.clone(), torch.arange(2)
+        for step in range(cache - 5):
+            assert set(outs[1].logits) == set(outs[0].logits)
             for name in outs[0].logits:
                 torch.testing.assert_close(outs[1].logits[name], outs[0].logits[name])
-            step = (ids[rows, positions], tracks[rows, positions])
-            outs = [model.decode_step(*step) for model in (eager, compiled)]
+            inputs = (ids[rows, positions], tracks[rows, positions])
+            strict = torch._dynamo.config.patch(error_on_recompile=True)
+            with strict if step > 0 else nullcontext():
+                outs = [
+                    model.decode_step(*inputs, heads=heads_cycle[step % 3])
+                    for model in (eager, compiled)
+                ]
             positions += 1
     assert compiled._decoder_compiled
 

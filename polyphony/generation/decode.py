@@ -190,10 +190,21 @@ def _decode(
 
 
 def compile_decoder(model: PolyphonyGPT) -> None:
-    """torch.compile the model's decode step (``PolyphonyGPT._decode_one``: the whole trunk and
-    the heads, gpt-fast's ``decode_one_token``) as one graph, once. The number of keys grows
-    every step and is symbolic (``dynamic=True``), so one graph serves every step; attention
-    still reads only the keys written. Prefill stays eager: it runs once per window."""
+    """torch.compile the model's decode step (``PolyphonyGPT._decode_one``: embedding, blocks
+    and final norm, gpt-fast's ``decode_one_token``) as one graph, once. The number of keys
+    grows every step and is symbolic (``dynamic=True``), so one graph serves every step of a
+    batch size; attention still reads only the keys written. Prefill stays eager (once per
+    window), and so do the heads.
+
+    Only the guards on tensors are kept (shapes, dtypes, devices: a new batch size or cache
+    length traces again). Dynamo's other guards re-check the model's modules and attributes
+    before every call, which cost 0.21 ms of a 1.7 ms step; nothing they check changes between
+    calls, because ``_decode_one`` takes tensors and one int only and the model's modules are
+    fixed once loaded. The test ``test_compiled_decode_step_matches_eager_and_never_recompiles``
+    holds it to the eager step across ragged rows, heads and cache sizes."""
     if not getattr(model, "_decoder_compiled", False):
-        model._decode_one = torch.compile(model._decode_one, fullgraph=True, dynamic=True)
+        model._decode_one = torch.compile(
+            model._decode_one, fullgraph=True, dynamic=True,
+            options={"guard_filter_fn": torch.compiler.keep_tensor_guards_unsafe},
+        )  # fmt: skip
         model._decoder_compiled = True
