@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import copy
 import pickle
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import torch._dynamo
 from symusic import Score
 
 from polyphony.config import CPWORD_FIELDS, ModelConfig, load_config
+from polyphony.generation import compile_decoder
 from polyphony.model import NAMED_SIZES, CheckpointError, PolyphonyGPT
 from polyphony.tokenizer import PolyTokenizer
 
@@ -151,13 +155,6 @@ def test_compiled_decode_step_matches_eager_and_never_recompiles():
     # for a new cache length) no step may trace again (a recompile raises), and every step must
     # give the eager step's logits: ragged rows and rows of one length, whatever heads are
     # asked for, and a larger cache whose positions run past the first one's.
-    import copy
-    from contextlib import nullcontext
-
-    import torch._dynamo
-
-    from polyphony.generation import compile_decoder
-
     eager = tiny_model(max_seq_len=16)
     compiled = copy.deepcopy(eager)
     compile_decoder(compiled)

@@ -80,7 +80,7 @@ class RemiGrammar:
             return table([k in kinds for k in self.kinds], torch.bool)
 
         self.size = size
-        self._temperature_tables: dict[tuple, torch.Tensor] = {}
+        self._temperatures: tuple[Sampling, torch.Tensor, list[float]] | None = None
         self.is_bar, self.is_timesig = of_kind("Bar"), of_kind("TimeSig")
         self.is_position, self.is_tempo = of_kind("Position"), of_kind("Tempo")
         self.is_program, self.is_eos = of_kind("Program"), of_kind("EOS")
@@ -290,23 +290,25 @@ class RemiGrammar:
             logits = logits + torch.where(self.is_program, bonus, 0.0)
         # Each row's temperature is that of the field its state draws next (pitch, velocity,
         # duration, or the temperature itself); batch 1 keeps the scalar path.
-        table = self._field_temperatures(sampling, logits.device)
-        temperature = table[s.grammar] if len(s.grammar) > 1 else float(table[int(s.grammar)])
+        table, values = self._field_temperatures(sampling)
+        temperature = table[s.grammar] if len(s.grammar) > 1 else values[int(s.grammar)]
         return sample(logits, allowed, temperature, sampling.top_k, sampling.top_p, gen)
 
-    def _field_temperatures(self, sampling: Sampling, device) -> torch.Tensor:
-        """The temperature of the token drawn after each grammar state (cached per setting)."""
-        key = (sampling.temperature, tuple(sorted(sampling.field_temperature.items())), device)
-        if key not in self._temperature_tables:
+    def _field_temperatures(self, sampling: Sampling) -> tuple[torch.Tensor, list[float]]:
+        """The temperature of the token drawn after each grammar state, as a tensor and a list;
+        made once per ``Sampling`` (a decode passes the same one every step)."""
+        cached = self._temperatures  # read once: a concurrent decode may replace it
+        if cached is None or cached[0] is not sampling:
             # A state followed by one kind of token only draws that field (FOLLOWS says which).
-            table = [
+            values = [
                 sampling.of(NOTE_FIELDS[kinds[0]])
                 if len(kinds) == 1 and kinds[0] in NOTE_FIELDS
                 else sampling.temperature
                 for _, kinds in sorted(self.FOLLOWS.items())
             ]
-            self._temperature_tables[key] = torch.tensor(table, device=device)
-        return self._temperature_tables[key]
+            cached = (sampling, torch.tensor(values, device=self.ids.device), values)
+            self._temperatures = cached
+        return cached[1], cached[2]
 
     def violation(self, s: RowState, token: torch.Tensor, c: Constraints) -> str | None:
         """Why ``token`` may not come next in row 0, or None if it may."""

@@ -1,0 +1,111 @@
+"""One decode step of the shipped model, eager against ``--compile`` (``compile_decoder``).
+
+    python benchmarks/decode_step.py --threads 1
+
+What ``benchmarks/generate.py`` times as a whole, taken apart: ``PolyphonyGPT.decode_step``
+alone (no grammar, no sampling), ``--steps`` calls after a 40-token prefill, batch 1 and 8. An
+eager and a compiled copy of the model alternate for ``--rounds`` rounds; the median is
+reported, so both see the same machine load. Then one profiled compiled generation ("piano,
+bass, drums", 256 tokens) gives what Dynamo's guard check ("TorchDynamo Cache Lookup") costs per
+step. Prints a table, then one JSON line (``--json FILE`` also writes it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from polyphony.generation import (
+    Sampling,
+    compile_decoder,
+    load_checkpoint,
+    make_plan,
+    sample_tokens,
+)
+from polyphony.generation.common import MAX_BARS
+
+REPO = Path(__file__).resolve().parents[1]
+PROMPT = 40
+
+
+def step_ms(model, batch: int, steps: int) -> float:
+    """Milliseconds per ``decode_step`` of ``batch`` rows after a ``PROMPT``-token prefill."""
+    model.setup_cache(batch, model.config.max_seq_len)
+    ids = torch.randint(0, 300, (batch, PROMPT), generator=torch.Generator().manual_seed(0))
+    tracks = torch.zeros(batch, PROMPT, dtype=torch.long)
+    model.prefill(ids, tracks, torch.full((batch,), PROMPT), ("next_token",))
+    token, track = torch.full((batch,), 5), torch.zeros(batch, dtype=torch.long)
+    with torch.inference_mode():
+        for _ in range(5):
+            model.decode_step(token, track, ("next_token",))
+        start = time.perf_counter()
+        for _ in range(steps):
+            model.decode_step(token, track, ("next_token",))
+    return (time.perf_counter() - start) / steps * 1e3
+
+
+def guard_us_per_step(checkpoint) -> float:
+    """Microseconds of Dynamo's guard check per decode step of a compiled generation."""
+    plan = make_plan(
+        checkpoint.tokenizer, checkpoint.densities, instruments="piano, bass, drums",
+        bars=MAX_BARS, max_tokens=256,
+    )  # fmt: skip
+    sample_tokens(checkpoint, plan, Sampling(top_p=1.0), seed=1)  # compiled and warm
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        sample_tokens(checkpoint, plan, Sampling(top_p=1.0), seed=0)
+    lookups = [e for e in prof.key_averages() if e.key == "TorchDynamo Cache Lookup"]
+    return lookups[0].cpu_time_total / lookups[0].count if lookups else 0.0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", default=str(REPO / "checkpoints" / "polyphony-mini"))
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=250)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--json", help="also write the JSON here")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    checkpoint = load_checkpoint(args.checkpoint, "cpu")
+    eager = checkpoint.model
+    compiled = copy.deepcopy(eager)
+    compile_decoder(compiled)
+    rows = []
+    for batch in (1, 8):
+        step_ms(compiled, batch, 5)  # compile for this batch size
+        times = {"eager": [], "compiled": []}
+        for _ in range(args.rounds):
+            times["eager"].append(step_ms(eager, batch, args.steps))
+            times["compiled"].append(step_ms(compiled, batch, args.steps))
+        medians = {k: statistics.median(v) for k, v in times.items()}
+        rows.append({"batch": batch, **{f"{k}_ms": round(v, 3) for k, v in medians.items()}})
+        rows[-1]["speedup"] = round(medians["eager"] / medians["compiled"], 2)
+    checkpoint.model = compiled
+    guard = guard_us_per_step(checkpoint)
+    print("| batch | eager ms/step | compiled ms/step | eager / compiled |")
+    print("| ---: | ---: | ---: | ---: |")
+    for row in rows:
+        print(f"| {row['batch']} | {row['eager_ms']} | {row['compiled_ms']} | {row['speedup']}x |")
+    print(f"Dynamo guard check per compiled step: {guard:.0f} us")
+    result = {
+        "rows": rows,
+        "guard_us_per_step": round(guard, 1),
+        "threads": args.threads,
+        "load_average": [round(x, 2) for x in os.getloadavg()],
+        "torch": torch.__version__,
+    }
+    print(json.dumps(result))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
