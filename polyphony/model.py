@@ -84,21 +84,23 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 # ----------------------------------------------------------------------------- blocks
-class KVCache(nn.Module):
+class KVCache:
     """Preallocated keys and values of one layer, ``[B, K, max_len, hd]``, written in place.
 
     Every row writes its next key to the same *slot*, the number of slots in use, whatever its
     own position: a write is a slice copy, not a per-row scatter. Rows of a right-padded prompt
     keep their padding slots, which ``PolyphonyGPT`` masks out; rotary angles carry each row's
     true position, so attention still sees the right relative distances.
+
+    Not a module, and handed to each step as an argument: a cache is scratch space, never part
+    of a checkpoint, and the compiled decode step (compile_decoder) freezes what it reads from
+    the model's attributes, so a new cache must reach it as an input.
     """
 
     def __init__(self, batch_size, max_len, n_kv_heads, head_dim, device, dtype):
-        super().__init__()
         shape = (batch_size, n_kv_heads, max_len, head_dim)
-        # Not persistent: a cache is scratch space, never part of a checkpoint.
-        self.register_buffer("k", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
 
     def write(self, slot: int, k: torch.Tensor, v: torch.Tensor):
         """Store ``k, v [B, K, T, hd]`` at slots ``slot .. slot + T``; return every key and value
@@ -121,7 +123,6 @@ class Attention(nn.Module):
         )
         self.out_proj = nn.Linear(config.d_model, config.d_model, bias=False)
         self.gqa = self.n_kv_heads != self.n_heads
-        self.kv_cache: KVCache | None = None
 
     def forward(self, x, cos, sin):
         """Causal self-attention over ``x [B, T, D]`` (training, full forward)."""
@@ -129,20 +130,26 @@ class Attention(nn.Module):
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.gqa)
         return self.out_proj(y.transpose(1, 2).reshape(x.shape))
 
-    def step(self, x, cos, sin, slot: int, key_mask=None):
+    def step(self, x, cos, sin, cache: KVCache, slot: int, key_mask=None):
         """``forward`` for cached generation (see ``Block.step``) over ``x [B * T, D]``: keys
-        and values are written to the cache from ``slot`` on, and attention runs over every
+        and values are written to ``cache`` from ``slot`` on, and attention runs over every
         slot written so far: causally for a prefill (slot 0, T queries, T keys), all of them
         for one decoded token except where ``key_mask [B, 1, 1, slots]`` hides a shorter
         prompt's padding. ``is_causal`` is never used with fewer queries than keys: it aligns
         the mask top-left and would show the query only key 0 (LIBRARY_NOTES §4)."""
-        batch = self.kv_cache.k.shape[0]
+        batch = cache.k.shape[0]
         q, k, v = self._rotated(F.linear(x, self.qkv.weight), batch, cos, sin)
-        k, v = self.kv_cache.write(slot, k, v)
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=key_mask, is_causal=key_mask is None and q.shape[2] > 1,
-            enable_gqa=self.gqa,
-        )  # fmt: skip
+        k, v = cache.write(slot, k, v)
+        if q.shape[2] == 1 and not self.gqa:
+            scores = (q @ k.transpose(-1, -2)) * (1.0 / math.sqrt(q.shape[-1]))
+            if key_mask is not None:
+                scores = scores.masked_fill(~key_mask, float("-inf"))
+            y = scores.softmax(-1) @ v
+        else:
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=key_mask, is_causal=key_mask is None and q.shape[2] > 1,
+                enable_gqa=self.gqa,
+            )  # fmt: skip
         return F.linear(y.transpose(1, 2).reshape(x.shape), self.out_proj.weight)
 
     def _rotated(self, qkv, batch: int, cos, sin):
@@ -188,12 +195,15 @@ class Block(nn.Module):
         x = x + self.dropout(self.attention(self.attention_norm(x), cos, sin))
         return x + self.dropout(self.mlp(self.mlp_norm(x)))
 
-    def step(self, x, cos, sin, slot: int, key_mask=None):
+    def step(self, x, cos, sin, cache: KVCache, slot: int, key_mask=None):
         """``forward`` for cached generation, over the rows ``x [B * T, D]``, in functional calls
         and without dropout: the same arithmetic, but a decode step at batch 1 is ~150 tiny
         ops, and a module call costs as much as one of them (nn.RMSNorm: 22 µs against 15 for
         F.rms_norm), as does each reshape of a 3-d input in F.linear."""
-        x = x + self.attention.step(rms_norm(x, self.attention_norm), cos, sin, slot, key_mask)
+        attended = self.attention.step(
+            rms_norm(x, self.attention_norm), cos, sin, cache, slot, key_mask
+        )
+        x = x + attended
         gate, up = F.linear(rms_norm(x, self.mlp_norm), self.mlp.gate_up.weight).chunk(2, dim=-1)
         return x + F.linear(F.silu(gate) * up, self.mlp.down.weight)
 
@@ -387,11 +397,10 @@ class PolyphonyGPT(nn.Module):
         dtype = reference.dtype if dtype is None else dtype
         n_kv_heads = self.config.n_kv_heads or self.config.n_heads
         self.kv_caches = []
-        for block in self.blocks:
-            block.attention.kv_cache = KVCache(
-                batch_size, max_len, n_kv_heads, self.head_dim, device, dtype
+        for _ in self.blocks:
+            self.kv_caches.append(
+                KVCache(batch_size, max_len, n_kv_heads, self.head_dim, device, dtype)
             )
-            self.kv_caches.append(block.attention.kv_cache)
         # The angles of every position the cache can hold, once: a step looks its rows' up.
         positions = torch.arange(max_len, device=device).unsqueeze(0)
         cos, sin = rotary_cos_sin(positions, self.head_dim, self.config.rope_base, dtype)
@@ -414,11 +423,11 @@ class PolyphonyGPT(nn.Module):
         self._cache_slots += n
         return self._cache_slots - n
 
-    def _cached_trunk(self, x, cos, sin, slot: int, key_mask=None):
-        """``_trunk`` through the KV cache (``Block.step``) for ``x [B * T, D]``, from cache
-        slot ``slot`` on."""
-        for block in self.blocks:
-            x = block.step(x, cos, sin, slot, key_mask)
+    def _cached_trunk(self, x, cos, sin, caches, slot: int, key_mask=None):
+        """``_trunk`` through the KV caches (``Block.step``, one per block) for ``x [B * T, D]``,
+        from cache slot ``slot`` on."""
+        for block, cache in zip(self.blocks, caches, strict=True):
+            x = block.step(x, cos, sin, cache, slot, key_mask)
         return rms_norm(x, self.norm)
 
     def _cached_logits(self, hidden, heads) -> dict[str, torch.Tensor]:
@@ -442,7 +451,8 @@ class PolyphonyGPT(nn.Module):
         self._claim_slots(B, T)
         # A causal mask suffices: a row's real tokens precede its padding.
         x = self._embed(input_ids, track_ids).flatten(0, 1)
-        hidden = self._cached_trunk(x, self._rotary_cos[:T], self._rotary_sin[:T], slot=0)
+        cos, sin = self._rotary_cos[:T], self._rotary_sin[:T]
+        hidden = self._cached_trunk(x, cos, sin, self.kv_caches, slot=0)
         hidden = hidden.view(B, T, -1)[torch.arange(B, device=hidden.device), lengths - 1]
         self._cache_positions = lengths[:, None].clone()  # [B, 1]: the next token's position
         # Decode steps hide a shorter row's padding slots. Rows of one length get an all-true
@@ -461,16 +471,23 @@ class PolyphonyGPT(nn.Module):
         self._check_ids(input_ids, track_ids, step=True)
         slot = self._claim_slots(input_ids.shape[0], 1)
         key_mask = self._key_mask[..., : slot + 1]
-        hidden = self._decode_one(input_ids, track_ids, self._cache_positions, slot, key_mask)
+        hidden = self._decode_one(
+            input_ids, track_ids, self._cache_positions, slot, key_mask, self._rotary_cos,
+            self._rotary_sin, tuple(self.kv_caches),
+        )  # fmt: skip
         return ModelOutput(logits=self._cached_logits(hidden, heads), hidden=hidden)
 
-    def _decode_one(self, input_ids, track_ids, positions, slot: int, key_mask) -> torch.Tensor:
+    def _decode_one(
+        self, input_ids, track_ids, positions, slot: int, key_mask, rotary_cos, rotary_sin, caches
+    ) -> torch.Tensor:
         """The trunk of ``decode_step``, the one function ``compile_decoder`` compiles: tensors
         and the number of keys written (``slot``, symbolic) in, the hidden state out; the heads
-        stay outside so that the graph is the same whatever heads a caller asks for."""
+        stay outside so that the graph is the same whatever heads a caller asks for. The rotary
+        tables and the caches come in as arguments, not attributes: the compiled graph freezes
+        what it reads from attributes, and setup_cache makes new ones for every request."""
         x = self._embed(input_ids, track_ids)  # [B, D]
-        cos, sin = self._rotary_cos[positions], self._rotary_sin[positions]  # [B, 1, 1, hd]
-        hidden = self._cached_trunk(x, cos, sin, slot, key_mask)
+        cos, sin = rotary_cos[positions], rotary_sin[positions]  # [B, 1, 1, hd]
+        hidden = self._cached_trunk(x, cos, sin, caches, slot, key_mask)
         positions += 1
         return hidden
 

@@ -6,6 +6,7 @@ import time
 
 import numpy as np
 import torch
+import torch._inductor.config as inductor_config
 from tqdm import tqdm
 
 from ..instruments import GLOBAL_TRACK
@@ -199,12 +200,45 @@ def compile_decoder(model: PolyphonyGPT) -> None:
     Only the guards on tensors are kept (shapes, dtypes, devices: a new batch size or cache
     length traces again). Dynamo's other guards re-check the model's modules and attributes
     before every call, 145-168 us of a ~1.7 ms step (benchmarks/decode_step.py); nothing they
-    check changes between calls, because ``_decode_one`` takes tensors and one int only and
-    the model's modules are fixed once loaded. The test ``test_compiled_decode_step_matches_eager_and_never_recompiles``
-    holds it to the eager step across ragged rows, heads and cache sizes."""
+    check changes between calls, because ``_decode_one`` takes tensors, the KV caches and one
+    int only and the model's modules are fixed once loaded. The test ``test_compiled_decode_step_matches_eager_and_never_recompiles``
+    holds it to the eager step across ragged rows, heads and cache sizes.
+
+    The weights are frozen into the graph (inductor's ``freezing``: later changes to them are
+    not seen, so compile a model once it is trained), which lets inductor's C++ GEMM template
+    compete with MKL for every matrix product; at one row its packed micro-kernel wins by
+    several times (a batch-1 step 6.3x faster than eager, docs/benchmarks.md). The choice is
+    timed once per shape at compile time and cached on disk with the rest of inductor's cache."""
     if not getattr(model, "_decoder_compiled", False):
-        model._decode_one = torch.compile(
-            model._decode_one, fullgraph=True, dynamic=True,
+        compiled = torch.compile(
+            model._decode_one, backend=_inductor_frozen, fullgraph=True, dynamic=True,
             options={"guard_filter_fn": torch.compiler.keep_tensor_guards_unsafe},
         )  # fmt: skip
+
+        def decode_one(*args):
+            # Dynamo must see ``freezing`` while it traces (it then keeps the weights out of
+            # the graph's inputs), and a call may trace (a new batch or cache size): set for
+            # every call, ~4 us, restored after.
+            before = inductor_config.freezing
+            inductor_config.freezing = True
+            try:
+                return compiled(*args)
+            finally:
+                inductor_config.freezing = before
+
+        model._decode_one = decode_one
         model._decoder_compiled = True
+
+
+def _inductor_frozen(graph, example_inputs):
+    """Inductor with the C++ GEMM template timed against MKL for every matrix product."""
+    from torch._inductor import compile_fx
+
+    with inductor_config.patch(
+        freezing=True,
+        max_autotune_gemm=True,
+        max_autotune_gemm_backends="CPP,ATEN",
+        autotune_num_choices_displayed=0,  # the timing tables are not for users
+        max_autotune_report_choices_stats=False,
+    ):
+        return compile_fx.compile_fx(graph, example_inputs)

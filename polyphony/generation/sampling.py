@@ -107,7 +107,10 @@ def sample(
         # Drop a token when the more likely ones already hold top_p; the first always stays.
         drop_sorted = sorted_probs.cumsum(-1) - sorted_probs > top_p
         probs = probs.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), 0.0)
-    drawn = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    # torch.multinomial(probs, 1) draws exactly this (its one-sample path: argmax of p / q, q ~
+    # Exp(1)), after validity checks that cost four reductions and two syncs a step.
+    noise = torch.empty_like(probs).exponential_(1, generator=generator)
+    drawn = probs.div_(noise).argmax(-1)
     return torch.where(temperature == 0, greedy, drawn) if per_row else drawn
 
 
