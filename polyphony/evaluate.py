@@ -81,7 +81,11 @@ def validation_nll(
     Only the body is scored: targets up to the header's SEP are left out. The header is the
     request in generation, given, not predicted; scoring it would charge a model with density
     bins for predicting them and compare it unfairly with one without. ``track_densities``
-    must match the training run's ``data.track_densities``."""
+    must match the training run's ``data.track_densities``.
+
+    REMI models also get ``by_kind``: the next_token NLL split by the kind of token predicted
+    (Bar, Position, Program, Pitch, ...), each as nats per note, so that they sum to the head's
+    NLL per note and two models can be told apart by *what* they predict worse."""
     import torch
 
     from polyphony.data.dataset import WindowDataset, tokenizer_of
@@ -104,6 +108,15 @@ def validation_nll(
     sums = torch.zeros(len(heads), dtype=torch.float64)
     counts = torch.zeros(len(heads), dtype=torch.long)
     notes = 0
+    kind_of = None  # REMI: the kind of each token id ("Pitch" of "Pitch_60"), for by_kind
+    if model_tokenizer.kind == "remi":
+        names = [
+            model_tokenizer.token_name(i).split("_")[0] for i in range(model.config.vocab_sizes[0])
+        ]
+        kinds = sorted(set(names))
+        kind_of = torch.tensor([kinds.index(name) for name in names])
+        kind_sums = torch.zeros(len(kinds), dtype=torch.float64)
+        kind_counts = torch.zeros(len(kinds), dtype=torch.long)
     loader = torch.utils.data.DataLoader(
         torch.utils.data.Subset(dataset, range(n_windows)), batch_size=batch_size
     )
@@ -121,6 +134,14 @@ def validation_nll(
             sums += torch.stack([output.losses[h].double() for h in heads]) * count
             counts += count
             notes += int(model_tokenizer.note_mask(batch["labels"].numpy()).sum())
+            if kind_of is not None:
+                scored = batch["labels"] != -100
+                losses = torch.nn.functional.cross_entropy(
+                    output.logits["next_token"][scored], batch["labels"][scored], reduction="none"
+                )
+                kind = kind_of[batch["labels"][scored]]
+                kind_sums += torch.bincount(kind, losses.double(), minlength=len(kinds))
+                kind_counts += torch.bincount(kind, minlength=len(kinds))
     result: dict[str, Any] = {"split": split, "windows": n_windows, "notes": notes, "heads": {}}
     for head, total, count in zip(heads, sums.tolist(), counts.tolist(), strict=True):
         mean = total / max(count, 1)
@@ -129,6 +150,14 @@ def validation_nll(
             "ppl": math.exp(min(mean, 50.0)),
             "targets": count,
             "nll_per_note": total / notes if notes else None,
+        }
+    if kind_of is not None and notes:
+        result["by_kind"] = {
+            kind: {"nll_per_note": total / notes, "targets": count}
+            for kind, total, count in zip(
+                kinds, kind_sums.tolist(), kind_counts.tolist(), strict=True
+            )
+            if count
         }
     # The likelihood of the token stream itself: REMI's next_token head, or the sum of CPWord's
     # field heads (a compound's fields are one event). Auxiliary heads are left out.
@@ -149,6 +178,11 @@ def format_nll(result: dict[str, Any]) -> str:
         )
     if result.get("stream_nll_per_note") is not None:
         lines.append(f"token stream NLL per note: {result['stream_nll_per_note']:.3f} nats")
+    if result.get("by_kind"):
+        lines.append("next_token NLL per note by the kind of token predicted:")
+        ranked = sorted(result["by_kind"].items(), key=lambda item: -item[1]["nll_per_note"])
+        for kind, row in ranked:
+            lines.append(f"  {kind:<16}{row['nll_per_note']:>10.3f}{row['targets']:>10}")
     return "\n".join(lines)
 
 

@@ -73,6 +73,14 @@ def test_validation_nll_matches_a_direct_forward(tiny_checkpoint, prepared_remi)
     # The stream's likelihood is REMI's next_token head alone, per note.
     assert result["stream_nll_per_note"] == pytest.approx(row["nll_per_note"], rel=1e-9)
     assert row["nll_per_note"] == pytest.approx(row["nll"] * row["targets"] / result["notes"])
+    # The breakdown by the kind of token predicted adds up to the head, and counts each target
+    # under its own kind.
+    by_kind = result["by_kind"]
+    assert sum(k["nll_per_note"] for k in by_kind.values()) == pytest.approx(row["nll_per_note"])
+    assert sum(k["targets"] for k in by_kind.values()) == row["targets"]
+    targets = batch["labels"][batch["labels"] != -100].tolist()
+    pitches = sum(tokenizer.token_name(t).startswith("Pitch_") for t in targets)
+    assert by_kind["Pitch"]["targets"] == pitches > 0
 
 
 def test_nll_refuses_a_dataset_with_another_vocabulary(tiny_checkpoint, prepared_cpword, capsys):
