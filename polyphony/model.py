@@ -140,6 +140,8 @@ class Attention(nn.Module):
         batch = cache.k.shape[0]
         q, k, v = self._rotated(F.linear(x, self.qkv.weight), batch, cos, sin)
         k, v = cache.write(slot, k, v)
+        # One query (a decode step): plain operations, which the compiled step fuses into one
+        # kernel; the CPU flash kernel cost ~150 us a call at batch 8 (docs/benchmarks.md).
         if q.shape[2] == 1 and not self.gqa:
             scores = (q @ k.transpose(-1, -2)) * (1.0 / math.sqrt(q.shape[-1]))
             if key_mask is not None:
