@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import warnings
 
 import numpy as np
 import torch
@@ -234,11 +235,16 @@ def _inductor_frozen(graph, example_inputs):
     """Inductor with the C++ GEMM template timed against MKL for every matrix product."""
     from torch._inductor import compile_fx
 
-    with inductor_config.patch(
-        freezing=True,
-        max_autotune_gemm=True,
-        max_autotune_gemm_backends="CPP,ATEN",
-        autotune_num_choices_displayed=0,  # the timing tables are not for users
-        max_autotune_report_choices_stats=False,
+    with (
+        warnings.catch_warnings(),
+        inductor_config.patch(
+            freezing=True,
+            max_autotune_gemm=True,
+            max_autotune_gemm_backends="CPP,ATEN",
+            autotune_num_choices_displayed=0,  # the timing tables are not for users
+            max_autotune_report_choices_stats=False,
+        ),
     ):
+        # torch's own autotuner calls the deprecated tensor.storage(); not the user's concern.
+        warnings.filterwarnings("ignore", message="TypedStorage is deprecated")
         return compile_fx.compile_fx(graph, example_inputs)
