@@ -7,7 +7,10 @@ alone (no grammar, no sampling), ``--steps`` calls after a 40-token prefill, bat
 eager and a compiled copy of the model alternate for ``--rounds`` rounds; the median is
 reported, so both see the same machine load. Then one profiled compiled generation ("piano,
 bass, drums", 256 tokens) gives what Dynamo's guard check ("TorchDynamo Cache Lookup") costs per
-step. Prints a table, then one JSON line (``--json FILE`` also writes it).
+step, and ``--profile N`` lists the N operations with the most self time in 100 compiled steps
+at each batch size (microseconds per call, calls per step; inductor's own fused kernels count
+as one "## Call CompiledFxGraph"). Prints tables, then one JSON line (``--json FILE`` also
+writes it).
 """
 
 from __future__ import annotations
@@ -36,8 +39,9 @@ REPO = Path(__file__).resolve().parents[1]
 PROMPT = 40
 
 
-def step_ms(model, batch: int, steps: int) -> float:
-    """Milliseconds per ``decode_step`` of ``batch`` rows after a ``PROMPT``-token prefill."""
+def ready(model, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A fresh cache of ``batch`` rows after a ``PROMPT``-token prefill and 5 decode steps;
+    returns the token and track ids every step then feeds."""
     model.setup_cache(batch, model.config.max_seq_len)
     ids = torch.randint(0, 300, (batch, PROMPT), generator=torch.Generator().manual_seed(0))
     tracks = torch.zeros(batch, PROMPT, dtype=torch.long)
@@ -46,10 +50,34 @@ def step_ms(model, batch: int, steps: int) -> float:
     with torch.inference_mode():
         for _ in range(5):
             model.decode_step(token, track, ("next_token",))
+    return token, track
+
+
+def step_ms(model, batch: int, steps: int) -> float:
+    """Milliseconds per ``decode_step`` of ``batch`` rows after a ``PROMPT``-token prefill."""
+    token, track = ready(model, batch)
+    with torch.inference_mode():
         start = time.perf_counter()
         for _ in range(steps):
             model.decode_step(token, track, ("next_token",))
     return (time.perf_counter() - start) / steps * 1e3
+
+
+def top_ops(model, batch: int, n: int, steps: int = 100) -> list[dict]:
+    """The ``n`` operations with the most self time over ``steps`` compiled decode steps."""
+    token, track = ready(model, batch)
+    with torch.inference_mode(), profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            model.decode_step(token, track, ("next_token",))
+    events = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
+    return [
+        {
+            "op": e.key[:70],
+            "us_per_call": round(e.self_cpu_time_total / e.count, 1),
+            "calls_per_step": round(e.count / steps, 1),
+        }
+        for e in events[:n]
+    ]
 
 
 def guard_us_per_step(checkpoint) -> float:
@@ -72,6 +100,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=250)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--json", help="also write the JSON here")
+    parser.add_argument("--profile", type=int, default=0, help="list the N costliest operations")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     checkpoint = load_checkpoint(args.checkpoint, "cpu")
@@ -95,9 +124,16 @@ def main() -> None:
     for row in rows:
         print(f"| {row['batch']} | {row['eager_ms']} | {row['compiled_ms']} | {row['speedup']}x |")
     print(f"Dynamo guard check per compiled step: {guard:.0f} us")
+    profiles = {b: top_ops(compiled, b, args.profile) for b in (1, 8)} if args.profile else {}
+    for batch, ops in profiles.items():
+        print(f"\ncompiled step, batch {batch}: costliest operations")
+        print("| operation | us per call | calls per step |\n| --- | ---: | ---: |")
+        for op in ops:
+            print(f"| `{op['op']}` | {op['us_per_call']} | {op['calls_per_step']} |")
     result = {
         "rows": rows,
         "guard_us_per_step": round(guard, 1),
+        "profile": profiles or None,
         "threads": args.threads,
         "load_average": [round(x, 2) for x in os.getloadavg()],
         "torch": torch.__version__,
