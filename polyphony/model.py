@@ -140,8 +140,9 @@ class Attention(nn.Module):
         batch = cache.k.shape[0]
         q, k, v = self._rotated(F.linear(x, self.qkv.weight), batch, cos, sin)
         k, v = cache.write(slot, k, v)
-        # One query (a decode step): plain operations, which the compiled step fuses into one
-        # kernel; the CPU flash kernel cost ~150 us a call at batch 8 (docs/benchmarks.md).
+        # One query (a decode step): plain operations, which the compiled step fuses into the
+        # layer's kernel; the CPU flash kernel took 252 us a call at batch 8 there
+        # (benchmarks/decode_step.py --profile, docs/benchmarks.md).
         if q.shape[2] == 1 and not self.gqa:
             scores = (q @ k.transpose(-1, -2)) * (1.0 / math.sqrt(q.shape[-1]))
             if key_mask is not None:
@@ -259,7 +260,7 @@ class PolyphonyGPT(nn.Module):
         if not self.is_cpword and config.tie_embeddings:
             self.heads["next_token"].weight = self.token_embeddings[0].weight
 
-        self.kv_caches: list[KVCache] = []  # filled by setup_cache
+        self.kv_caches: tuple[KVCache, ...] = ()  # filled by setup_cache
         self._cache_positions: torch.Tensor | None = None  # [B, 1] next position of each row
         self._cache_slots = 0  # slots in use, a Python int: no device sync per step
         self._key_mask: torch.Tensor | None = None  # [B, 1, 1, max_len] slots rows may see
@@ -398,11 +399,10 @@ class PolyphonyGPT(nn.Module):
         device = reference.device if device is None else torch.device(device)
         dtype = reference.dtype if dtype is None else dtype
         n_kv_heads = self.config.n_kv_heads or self.config.n_heads
-        self.kv_caches = []
-        for _ in self.blocks:
-            self.kv_caches.append(
-                KVCache(batch_size, max_len, n_kv_heads, self.head_dim, device, dtype)
-            )
+        self.kv_caches = tuple(
+            KVCache(batch_size, max_len, n_kv_heads, self.head_dim, device, dtype)
+            for _ in self.blocks
+        )
         # The angles of every position the cache can hold, once: a step looks its rows' up.
         positions = torch.arange(max_len, device=device).unsqueeze(0)
         cos, sin = rotary_cos_sin(positions, self.head_dim, self.config.rope_base, dtype)
@@ -475,7 +475,7 @@ class PolyphonyGPT(nn.Module):
         key_mask = self._key_mask[..., : slot + 1]
         hidden = self._decode_one(
             input_ids, track_ids, self._cache_positions, slot, key_mask, self._rotary_cos,
-            self._rotary_sin, tuple(self.kv_caches),
+            self._rotary_sin, self.kv_caches,
         )  # fmt: skip
         return ModelOutput(logits=self._cached_logits(hidden, heads), hidden=hidden)
 
