@@ -3,7 +3,8 @@
     python benchmarks/decode_step.py --threads 1
 
 What ``benchmarks/generate.py`` times as a whole, taken apart: ``PolyphonyGPT.decode_step``
-alone (no grammar, no sampling), ``--steps`` calls after a 40-token prefill, batch 1 and 8. An
+alone (no grammar, no sampling), ``--steps`` calls after a 40-token prefill (``--prompts``: each
+of these lengths, to see what the keys in the cache cost), batch 1 and 8. An
 eager and a compiled copy of the model alternate for ``--rounds`` rounds; the median is
 reported, so both see the same machine load. Then one profiled compiled generation ("piano,
 bass, drums", 256 tokens) gives what Dynamo's guard check ("TorchDynamo Cache Lookup") costs per
@@ -39,13 +40,13 @@ REPO = Path(__file__).resolve().parents[1]
 PROMPT = 40
 
 
-def ready(model, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """A fresh cache of ``batch`` rows after a ``PROMPT``-token prefill and 5 decode steps;
+def ready(model, batch: int, prompt: int = PROMPT) -> tuple[torch.Tensor, torch.Tensor]:
+    """A fresh cache of ``batch`` rows after a ``prompt``-token prefill and 5 decode steps;
     returns the token and track ids every step then feeds."""
     model.setup_cache(batch, model.config.max_seq_len)
-    ids = torch.randint(0, 300, (batch, PROMPT), generator=torch.Generator().manual_seed(0))
-    tracks = torch.zeros(batch, PROMPT, dtype=torch.long)
-    model.prefill(ids, tracks, torch.full((batch,), PROMPT), ("next_token",))
+    ids = torch.randint(0, 300, (batch, prompt), generator=torch.Generator().manual_seed(0))
+    tracks = torch.zeros(batch, prompt, dtype=torch.long)
+    model.prefill(ids, tracks, torch.full((batch,), prompt), ("next_token",))
     token, track = torch.full((batch,), 5), torch.zeros(batch, dtype=torch.long)
     with torch.inference_mode():
         for _ in range(5):
@@ -53,9 +54,9 @@ def ready(model, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
     return token, track
 
 
-def step_ms(model, batch: int, steps: int) -> float:
-    """Milliseconds per ``decode_step`` of ``batch`` rows after a ``PROMPT``-token prefill."""
-    token, track = ready(model, batch)
+def step_ms(model, batch: int, steps: int, prompt: int = PROMPT) -> float:
+    """Milliseconds per ``decode_step`` of ``batch`` rows after a ``prompt``-token prefill."""
+    token, track = ready(model, batch, prompt)
     with torch.inference_mode():
         start = time.perf_counter()
         for _ in range(steps):
@@ -101,28 +102,37 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--json", help="also write the JSON here")
     parser.add_argument("--profile", type=int, default=0, help="list the N costliest operations")
+    parser.add_argument(
+        "--prompts", type=int, nargs="+", default=[PROMPT],
+        help="prefill lengths (the keys each step attends to, plus the steps taken)",
+    )  # fmt: skip
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     checkpoint = load_checkpoint(args.checkpoint, "cpu")
     eager = checkpoint.model
     compiled = copy.deepcopy(eager)
     compile_decoder(compiled)
+    if max(args.prompts) + 5 + args.steps > eager.config.max_seq_len:
+        parser.error(f"--prompts + --steps + 5 must fit the {eager.config.max_seq_len}-token cache")
     rows = []
     for batch in (1, 8):
         step_ms(compiled, batch, 5)  # compile for this batch size
-        times = {"eager": [], "compiled": []}
-        for _ in range(args.rounds):
-            times["eager"].append(step_ms(eager, batch, args.steps))
-            times["compiled"].append(step_ms(compiled, batch, args.steps))
-        medians = {k: statistics.median(v) for k, v in times.items()}
-        rows.append({"batch": batch, **{f"{k}_ms": round(v, 3) for k, v in medians.items()}})
-        rows[-1]["speedup"] = round(medians["eager"] / medians["compiled"], 2)
+        for prompt in args.prompts:
+            times = {"eager": [], "compiled": []}
+            for _ in range(args.rounds):
+                times["eager"].append(step_ms(eager, batch, args.steps, prompt))
+                times["compiled"].append(step_ms(compiled, batch, args.steps, prompt))
+            medians = {k: statistics.median(v) for k, v in times.items()}
+            row = {"batch": batch, "prompt": prompt}
+            rows.append(row | {f"{k}_ms": round(v, 3) for k, v in medians.items()})
+            rows[-1]["speedup"] = round(medians["eager"] / medians["compiled"], 2)
     checkpoint.model = compiled
     guard = guard_us_per_step(checkpoint)
-    print("| batch | eager ms/step | compiled ms/step | eager / compiled |")
-    print("| ---: | ---: | ---: | ---: |")
-    for row in rows:
-        print(f"| {row['batch']} | {row['eager_ms']} | {row['compiled_ms']} | {row['speedup']}x |")
+    print("| batch | prefill | eager ms/step | compiled ms/step | eager / compiled |")
+    print("| ---: | ---: | ---: | ---: | ---: |")
+    for r in rows:
+        cells = (r["batch"], r["prompt"], r["eager_ms"], r["compiled_ms"], f"{r['speedup']}x")
+        print("| " + " | ".join(str(c) for c in cells) + " |")
     print(f"Dynamo guard check per compiled step: {guard:.0f} us")
     profiles = {b: top_ops(compiled, b, args.profile) for b in (1, 8)} if args.profile else {}
     for batch, ops in profiles.items():
