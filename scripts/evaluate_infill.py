@@ -30,7 +30,7 @@ from polyphony.generation import load_checkpoint, sample_tokens, to_score  # noq
 from polyphony.generation.common import DEFAULT_STEER, DEFAULT_TOP_P  # noqa: E402
 from polyphony.generation.grammar import grammar_for  # noqa: E402
 from polyphony.generation.infill import plan_infill  # noqa: E402
-from polyphony.generation.sampling import Sampling  # noqa: E402
+from polyphony.generation.sampling import Sampling, parse_field_temperature  # noqa: E402
 from polyphony.instruments import DRUMS, program_to_instrument  # noqa: E402
 from polyphony.metrics import (  # noqa: E402
     notes_by_instrument,
@@ -60,10 +60,9 @@ def region_counts(score: Score, begin: int, end: int) -> dict[int, int]:
     }
 
 
-def evaluate(checkpoint, excerpts, tracks_of, look_ahead: bool, seed: int) -> dict:
+def evaluate(checkpoint, excerpts, tracks_of, look_ahead: bool, seed: int, sampling) -> dict:
     tokenizer = checkpoint.tokenizer
     grammar = grammar_for(tokenizer, "cpu")
-    sampling = Sampling(top_p=DEFAULT_TOP_P, steer=DEFAULT_STEER)
     ratios: dict[str, list[float]] = {}
     kept, requests = [], 0
     metric_pairs = {"pitch_class_entropy": [], "scale_consistency": []}
@@ -153,9 +152,18 @@ def main() -> None:
     parser.add_argument("--per-piece", type=int, default=1, help="16-bar excerpts per piece")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--steer", type=float, default=DEFAULT_STEER)
+    parser.add_argument(
+        "--field-temperature", metavar="F=T,...", default="", help="default: generate's"
+    )
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    sampling = Sampling(
+        top_p=DEFAULT_TOP_P,
+        steer=args.steer,
+        field_temperature=parse_field_temperature(args.field_temperature),
+    )
     checkpoint = load_checkpoint(args.checkpoint, "cpu")
     excerpts = band_excerpts(args.dataset, args.corpus, EXCERPT_BARS, args.per_piece, stride=8)
     results = {}
@@ -165,7 +173,9 @@ def main() -> None:
     ):
         for look_ahead, mode in ((True, "infill"), (False, "continuation baseline")):
             key = f"{tracks_name}, {mode}"
-            results[key] = evaluate(checkpoint, excerpts, tracks_of, look_ahead, args.seed)
+            results[key] = evaluate(
+                checkpoint, excerpts, tracks_of, look_ahead, args.seed, sampling
+            )
             print(key, json.dumps(results[key]), flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "infill.json").write_text(json.dumps(results, indent=2) + "\n")
