@@ -146,9 +146,10 @@ def bar_lines(score: Score, tpq: int, piece_end: int) -> tuple[np.ndarray, np.nd
 
 
 def piece_bar_lines(score: Score) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`bar_lines` up to the end of the score's last note (its starts and lengths)."""
-    end = max((t.end() for t in score.tracks if t.notes), default=0)
-    return bar_lines(score, score.ticks_per_quarter, end + 1)
+    """The bars the notes span (their starts and lengths), as every bar metric counts them: a
+    piece whose last note ends on a bar line has no bar after it."""
+    piece = _piece(score)
+    return piece.bar_start, piece.bar_length
 
 
 def notes_by_instrument(score: Score) -> dict[int, list[tuple[int, int, int, int]]]:

@@ -23,6 +23,7 @@ from polyphony.metrics import (
     instruments_present,
     n_bars,
     note_density,
+    piece_bar_lines,
     pitch_class_entropy,
     pitch_ranges,
     polyphony,
@@ -377,3 +378,13 @@ def test_evaluate_cli_refuses_a_folder_without_midi_files(tmp_path):
     result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
     assert "no .mid or .midi files" in result.stderr
+
+
+def test_a_piece_ending_on_a_bar_line_has_no_bar_after_it():
+    # Two whole bars that end exactly on the third bar line, then a zero-length note on it.
+    ending_on_the_line = make_score(piano([(0, BAR, 60), (BAR, BAR, 62)]))
+    assert n_bars(ending_on_the_line) == 2
+    starts, lengths = piece_bar_lines(ending_on_the_line)
+    assert starts.tolist() == [0, BAR] and lengths.tolist() == [BAR, BAR]
+    struck_on_the_line = make_score(piano([(0, BAR, 60), (BAR, BAR, 62), (2 * BAR, 0, 64)]))
+    assert len(piece_bar_lines(struck_on_the_line)[0]) == n_bars(struck_on_the_line) == 3
