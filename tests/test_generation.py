@@ -47,7 +47,6 @@ from polyphony.generation import (
     validate_score,
     write_midi,
 )
-from polyphony.generation.common import DEFAULT_FIELD_SCALES
 from polyphony.generation.decode import _windows
 from polyphony.generation.infill import infill_ids, plan_infill
 from polyphony.generation.output import _end_at_bar_line
@@ -531,11 +530,10 @@ def test_remi_field_temperatures_apply_to_the_note_steps_only(checkpoints):
             for seed in range(4)
         }
 
-    assert len(pieces({})) == 1  # greedy pitches by default too: the default is a scale
+    assert len(pieces({})) == 1  # greedy pitches by default too: fields follow the temperature
     assert len(pieces({"pitch": 0.0, "duration": 0.0})) == 1
     assert len(pieces({"pitch": 1.5})) > 1
-    scale = DEFAULT_FIELD_SCALES["pitch"]
-    assert Sampling(temperature=1.2).of("pitch") == pytest.approx(1.2 * scale)
+    assert Sampling(temperature=1.2).of("pitch") == 1.2
     assert Sampling(temperature=1.2, field_temperature={"pitch": 1.0}).of("pitch") == 1.0
     with pytest.raises(GenerationError, match="pitch, velocity, duration"):
         Sampling(field_temperature={"tempo": 0.5}).check("remi")

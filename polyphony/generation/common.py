@@ -16,11 +16,6 @@ DEFAULT_STEER = 4.5
 # parts 13.0 -> 11.8 %, pitch-class entropy's excess 19.9 -> 15.4 % and scale consistency's
 # shortfall 12.1 -> 9.5 % (the model card's table).
 DEFAULT_TOP_P = 0.95
-# Pitches are drawn cooler than the rest: at 0.9 x the temperature (Sampling.of), on 44 held-out
-# band requests, pitch-class entropy went from +17 % of the real excerpts' to +3 % and scale
-# consistency from -11 % to -6 % (0.85: -2 % and -5.5 %; 0.8: -9 % and -4 %), thin parts and
-# every family's density within a point or a few percent of before (docs/generation.md).
-DEFAULT_FIELD_SCALES = {"pitch": 0.9}
 # A MIDI file has 16 channels and channel 10 is the drum kit.
 MAX_PITCHED_INSTRUMENTS = 15
 # Default token budget (--max-tokens): generous for dense parts, so it only stops a model that

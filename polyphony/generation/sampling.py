@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..config import CPWORD_FIELDS
-from .common import DEFAULT_FIELD_SCALES, DEFAULT_STEER, DEFAULT_TOP_P, GenerationError
+from .common import DEFAULT_STEER, DEFAULT_TOP_P, GenerationError
 
 # The fields a REMI step can be given a temperature of: the only steps that draw one kind of
 # token (after a Program, a Pitch; after it, a Velocity; then a Duration).
@@ -22,8 +22,8 @@ class Sampling:
     sets the temperature of a field (``{"pitch": 0.9, "duration": 0.8}``): CPWord models draw
     each field of a compound separately; REMI models draw a note's pitch, velocity and duration
     as tokens of their own, so those three steps take their field's temperature. A field not
-    given is drawn at ``temperature`` times its default scale (``DEFAULT_FIELD_SCALES``: pitches
-    0.9, the rest 1).
+    given is drawn at ``temperature`` (docs/generation.md, "Pitch temperature", says why pitches
+    are no longer drawn cooler by default).
     """
 
     temperature: float = 1.0
@@ -53,11 +53,8 @@ class Sampling:
         return self
 
     def of(self, name: str) -> float:
-        """The temperature of one field: as given, else the temperature times the field's
-        default scale (pitch 0.9; greedy stays greedy)."""
-        if name in self.field_temperature:
-            return self.field_temperature[name]
-        return self.temperature * DEFAULT_FIELD_SCALES.get(name, 1.0)
+        """The temperature of one field: as given, else ``temperature``."""
+        return self.field_temperature.get(name, self.temperature)
 
 
 def parse_field_temperature(text: str | None) -> dict[str, float]:
