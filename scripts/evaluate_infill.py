@@ -3,13 +3,14 @@
     python scripts/evaluate_infill.py --checkpoint checkpoints/polyphony-mini \
         --dataset data/dev --corpus corpus --out runs/infill-eval
 
-Each held-out band piece (validation and test splits) gives 16-bar excerpts (parts.band_excerpts);
-bars 7-10 of each are written again, once for every track and once for its bass and drums
-only, with the suffix in view (infilling) and without it (the continuation baseline: the same
-constraints, the model sees only what comes before). Reported per setting: the share of
-requests whose notes outside the region are the input's, the median ratio of each regenerated
-track's notes per bar in the region to the original's (and the share within +-35 %), and the
-region's pitch-class entropy and scale consistency against the original bars'.
+Each held-out band piece (validation and test splits) gives up to ``--per-piece`` 16-bar
+excerpts, every 8 bars, as in the full-parts evaluation (parts.band_excerpts); bars 7-10 of each
+are written again, once for every track and once for its bass and drums only, with the suffix
+in view (infilling) and without it (the continuation baseline: the same constraints, the model
+sees only what comes before). Reported per setting: the share of requests whose notes outside
+the region are the input's, the median ratio of each regenerated track's notes per bar in the
+region to the original's (and the share within +-35 %), and the region's pitch-class entropy
+and scale consistency against the original bars'.
 """
 
 from __future__ import annotations
@@ -149,7 +150,7 @@ def main() -> None:
     parser.add_argument("--checkpoint", type=Path, default=None)
     parser.add_argument("--dataset", type=Path, required=True)
     parser.add_argument("--corpus", type=Path, required=True)
-    parser.add_argument("--per-piece", type=int, default=1, help="16-bar excerpts per piece")
+    parser.add_argument("--per-piece", type=int, default=4, help="16-bar excerpts per piece")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--steer", type=float, default=DEFAULT_STEER)

@@ -47,7 +47,7 @@ from polyphony.generation import (
     validate_score,
     write_midi,
 )
-from polyphony.generation.decode import _windows
+from polyphony.generation.decode import _after_prompt, _windows
 from polyphony.generation.infill import infill_ids, plan_infill
 from polyphony.generation.output import _end_at_bar_line
 from polyphony.instruments import DRUMS, GLOBAL_TRACK, instrument_name, program_to_instrument
@@ -461,6 +461,29 @@ def test_steering_pushes_a_lagging_part_and_holds_back_a_leading_one():
     assert bonus[0] == 0.0  # on target
     assert bonus[DRUMS] < -2.5  # 28 notes ahead
     assert bonus[40] == 0.0  # not requested
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_steering_expects_a_bar_of_notes_per_new_bar_after_a_prompt(small_piece, kind):
+    """A continuation's prompt ends on the first new bar's line: one bar later every part is
+    expected to have played one bar's worth, as in a new piece (not none, a bar behind)."""
+    tokenizer = PolyTokenizer.build(kind)
+    grammar = grammar_for(tokenizer, "cpu")
+    targets = torch.full((130,), 4.0)
+    bonus = {}
+    for name, request in (
+        ("continuation", {"prompt": small_piece, "prompt_bars": 2, "bars": 2}),
+        ("new piece", {"instruments": "piano, bass", "bars": 4}),
+    ):
+        plan = make_plan(tokenizer, FLAT, **request)
+        state = _after_prompt(grammar, plan, plan.constraints("cpu"), 1, "cpu")
+        if name == "new piece":
+            state.bars += 1  # the model writes the first bar line
+        state.bars += 1  # a bar later, at its line
+        state.position[:], state.positions_per_bar[:] = -1, 16
+        bonus[name] = float(state.steering(targets, 3.0)[0, 0])
+    assert bonus["continuation"] == pytest.approx(3.0 * np.tanh(4.0 / 6.0))
+    assert bonus["new piece"] == pytest.approx(bonus["continuation"])
 
 
 @pytest.mark.parametrize("kind", KINDS)

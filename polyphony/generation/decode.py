@@ -94,6 +94,35 @@ def _windows(ids: torch.Tensor, tracks: torch.Tensor, header_length: int, keep: 
     return padded, padded_tracks, lengths
 
 
+def _after_prompt(
+    grammar: Grammar, plan: Plan, constraints: Constraints, batch: int, device, check_time=None
+) -> RowState:
+    """Every row's state once ``plan``'s prompt is read: what it played is known, and the new
+    material (its tokens, notes and bars, which steering counts) starts from zero."""
+    state = RowState.start(batch, grammar.START, device)
+    replay = Constraints(constraints.allowed, constraints.required, constraints.target_bars, 0)
+    for index, token in enumerate(torch.as_tensor(plan.prompt_body, device=device)):
+        grammar.advance(state, token.expand(batch, *token.shape), replay)
+        if check_time is not None and index % 256 == 0:
+            check_time()
+    state.new_tokens.zero_()
+    state.notes.zero_()
+    # A prompt that ends on a bar line (continuation, infilling) has opened the first new bar:
+    # counted as a prompt bar, it held every part's target a bar behind (7/8 of it over 8 bars).
+    opened = len(plan.prompt_body) > 0 and bool(grammar.bar_of(plan.prompt_body[-1:]).all())
+    state.first_bar.copy_(state.bars - int(opened))
+    if plan.infill is not None:
+        # The prompt ends on the region's bar line, which is the piece's: its meter follows as
+        # an existing token. Parts must play in the region, whatever the prefix held; the
+        # tempo in force is the piece's, wherever the shown prefix begins.
+        state.after_existing.fill_(True)
+        state.played.zero_()
+        state.tempo.fill_(plan.infill.tempo)
+    elif constraints.existing is not None:
+        state.tempo.fill_(constraints.existing.initial_tempo)
+    return state
+
+
 @torch.inference_mode()
 def _decode(
     model: PolyphonyGPT,
@@ -124,24 +153,7 @@ def _decode(
         [plan.header, plan.prompt_body if plan.context is None else plan.context]
     )
     prompt_tracks = grammar.tokenizer.track_ids(prompt)
-    state = RowState.start(batch, grammar.START, device)
-    replay = Constraints(constraints.allowed, constraints.required, constraints.target_bars, 0)
-    for index, token in enumerate(torch.as_tensor(plan.prompt_body, device=device)):
-        grammar.advance(state, token.expand(batch, *token.shape), replay)
-        if index % 256 == 0:
-            check_time()
-    state.new_tokens.zero_()
-    state.notes.zero_()
-    state.first_bar.copy_(state.bars)
-    if plan.infill is not None:
-        # The prompt ends on the region's bar line, which is the piece's: its meter follows as
-        # an existing token. Parts must play in the region, whatever the prefix held; the
-        # tempo in force is the piece's, wherever the shown prefix begins.
-        state.after_existing.fill_(True)
-        state.played.zero_()
-        state.tempo.fill_(plan.infill.tempo)
-    elif constraints.existing is not None:
-        state.tempo.fill_(constraints.existing.initial_tempo)
+    state = _after_prompt(grammar, plan, constraints, batch, device, check_time)
 
     ids = torch.as_tensor(prompt, device=device).expand(batch, *prompt.shape).clone()
     tracks = torch.as_tensor(prompt_tracks, device=device).expand(batch, -1).clone()
