@@ -22,8 +22,7 @@ class Sampling:
     sets the temperature of a field (``{"pitch": 0.9, "duration": 0.8}``): CPWord models draw
     each field of a compound separately; REMI models draw a note's pitch, velocity and duration
     as tokens of their own, so those three steps take their field's temperature. A field not
-    given is drawn at ``temperature`` (docs/generation.md, "Pitch temperature", says why pitches
-    are no longer drawn cooler by default).
+    given is drawn at ``temperature`` (docs/generation.md, "Pitch temperature").
     """
 
     temperature: float = 1.0
