@@ -381,7 +381,8 @@ def test_evaluate_cli_refuses_a_folder_without_midi_files(tmp_path):
 
 
 def test_a_piece_ending_on_a_bar_line_has_no_bar_after_it():
-    # Two whole bars that end exactly on the third bar line, then a zero-length note on it.
+    # Two whole bars that end exactly on the third bar line; then the same with a zero-length
+    # note struck on that line, which opens a third bar.
     ending_on_the_line = make_score(piano([(0, BAR, 60), (BAR, BAR, 62)]))
     assert n_bars(ending_on_the_line) == 2
     starts, lengths = piece_bar_lines(ending_on_the_line)
