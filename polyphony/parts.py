@@ -155,21 +155,33 @@ def part_figures(
     return table
 
 
+ASKED = ("default", "real", "flat")
+
+
 def requests_from_excerpts(
-    checkpoint, excerpts, n_bars: int, seed: int, flat: bool = False, **sampling
+    checkpoint, excerpts, n_bars: int, seed: int, asked: str = "default", **sampling
 ) -> dict[str, Any]:
-    """Each excerpt's own instrument set at the checkpoint's default densities (``flat``:
-    density bin 0 for every part, for models trained without densities); ``sampling``:
-    generate()'s temperature / top_k / top_p."""
+    """Each excerpt's own instrument set, every part asked for at ``asked``: ``default``, the
+    checkpoint's default densities (what a user who names instruments gets); ``real``, what
+    the part plays in the excerpt (does the model play a part as full as it is asked, apart from
+    whether the default suits this music); ``flat``, density bin 0 (models trained without
+    densities). ``sampling``: generate()'s temperature / top_k / top_p / steer."""
     from .generation import generate
 
-    pairs, asked = [], []
+    if asked not in ASKED:
+        raise ValueError(f"asked={asked!r}: one of {', '.join(ASKED)}")
+    pairs, targets = [], []
     for index, (_, real) in enumerate(excerpts):
         request = instruments_of(real)
         pitched = [i for i in request if i != DRUMS][:15]
         request = pitched + ([DRUMS] if DRUMS in request else [])
         real.tracks = [t for t in real.tracks if (DRUMS if t.is_drum else t.program) in request]
-        density = {i: 0.0 for i in request} if flat else None
+        density = None
+        if asked == "flat":
+            density = {i: 0.0 for i in request}
+        elif asked == "real":
+            plays = track_densities(real)
+            density = {i: plays[i][0] / n_bars for i in request}
         score = generate(
             request,
             bars=n_bars,
@@ -179,8 +191,8 @@ def requests_from_excerpts(
             **sampling,
         )
         pairs.append((score, real))
-        asked.append(resolve(checkpoint.densities, request, density or {}))
-    return part_figures(pairs, n_bars, asked)
+        targets.append(resolve(checkpoint.densities, request, density or {}))
+    return part_figures(pairs, n_bars, targets)
 
 
 # ------------------------------------------------------------------------------- controls

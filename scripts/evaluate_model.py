@@ -52,6 +52,13 @@ def main() -> None:
     parser.add_argument("--nll", action="store_true", help="also score the validation split")
     parser.add_argument("--parts", action="store_true", help="the full-parts checks instead")
     parser.add_argument("--per-piece", type=int, default=4, help="--parts: excerpts per piece")
+    parser.add_argument(
+        "--asked",
+        choices=parts.ASKED[:2],
+        default="default",
+        help="--parts requests: each part at its default density, or at what it plays in the "
+        "real excerpt (the model's side of a gap apart from the default's)",
+    )
     parser.add_argument("--samples", type=int, default=20, help="--parts: pieces per control")
     only = parser.add_mutually_exclusive_group()
     only.add_argument(
@@ -96,10 +103,10 @@ def run_parts(args: argparse.Namespace) -> None:
     sampling = {"temperature": args.temperature, "top_p": args.top_p, "steer": args.steer}
     if args.field_temperature is not None:
         sampling["field_temperature"] = parse_field_temperature(args.field_temperature)
-    report = {"excerpts": len(excerpts), "sampling": sampling}
+    report = {"excerpts": len(excerpts), "sampling": sampling, "asked": args.asked}
     if not args.checks_only:
         report["requests"] = parts.requests_from_excerpts(
-            checkpoint, excerpts, 16, args.seed, **sampling
+            checkpoint, excerpts, 16, args.seed, args.asked, **sampling
         )
     if not args.requests_only:
         firsts = parts.band_excerpts(args.dataset, args.corpus, 16, 1, stride=8)

@@ -74,7 +74,9 @@ def main() -> None:
         excerpts = parts.band_excerpts(
             dataset, args.corpus / "band", 16, args.per_piece, stride=16, source=None
         )
-        figures = parts.requests_from_excerpts(checkpoint, excerpts, 16, args.seed, flat=flat)
+        figures = parts.requests_from_excerpts(
+            checkpoint, excerpts, 16, args.seed, asked="flat" if flat else "default"
+        )
         results[name] = {
             "overrides": overrides,
             "dataset": str(dataset),

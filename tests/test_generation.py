@@ -47,6 +47,7 @@ from polyphony.generation import (
     validate_score,
     write_midi,
 )
+from polyphony.generation.common import AHEAD_SCALE
 from polyphony.generation.decode import _after_prompt, _windows
 from polyphony.generation.infill import infill_ids, plan_infill
 from polyphony.generation.output import _end_at_bar_line
@@ -461,6 +462,19 @@ def test_steering_pushes_a_lagging_part_and_holds_back_a_leading_one():
     assert bonus[0] == 0.0  # on target
     assert bonus[DRUMS] < -2.5  # 28 notes ahead
     assert bonus[40] == 0.0  # not requested
+
+
+def test_steering_holds_a_part_ahead_back_harder_than_it_pulls_one_behind():
+    """Notes played early are not taken back: four notes ahead weigh more than four behind."""
+    state = RowState.start(1, RemiGrammar.START, torch.device("cpu"))
+    state.bars[:], state.position[:], state.positions_per_bar[:] = 3, -1, 32  # two bars written
+    targets = torch.zeros(130)
+    targets[33], targets[0] = 4.0, 4.0  # 8 notes expected of each
+    state.notes[0, 33], state.notes[0, 0] = 4, 12
+    bonus = state.steering(targets, 3.0)[0]
+    assert bonus[33] == pytest.approx(3.0 * np.tanh(4 / 6))
+    assert bonus[0] == pytest.approx(-3.0 * np.tanh(4 / (6 * AHEAD_SCALE)))
+    assert -bonus[0] > bonus[33]
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -5,9 +5,11 @@ from __future__ import annotations
 import pytest
 from symusic import Note, Score, Tempo, TimeSignature, Track
 
+from polyphony import generation
+from polyphony.generation import load_checkpoint
 from polyphony.instruments import DRUMS
 from polyphony.metrics import write_request
-from polyphony.parts import excerpt, part_figures, report_family
+from polyphony.parts import excerpt, part_figures, report_family, requests_from_excerpts
 
 TPQ = 480
 BAR = 4 * TPQ
@@ -81,3 +83,23 @@ def test_report_families_cover_every_instrument():
         "other",
     }
     assert report_family(33) == "bass" and report_family(DRUMS) == "drums"
+
+
+def test_requests_asked_at_the_real_density_ask_each_part_for_what_it_plays(monkeypatch):
+    """``asked="real"``: generate() is given each part's notes per bar in the real excerpt (not
+    the default, which would ask 1 for the sparse piano and ~15 for the drums), and the report's
+    asked medians are those densities."""
+    real = piece({0: [1, 0], 33: [3], DRUMS: [6]}, bars=4)  # piano 0.5, bass 3, drums 6 per bar
+    given, real_generate = [], generation.generate
+
+    def recording(*args, **kwargs):
+        given.append(kwargs["density"])
+        return real_generate(*args, **kwargs)
+
+    monkeypatch.setattr(generation, "generate", recording)
+    figures = requests_from_excerpts(load_checkpoint(), [("piece", real)], 4, 0, asked="real")
+    assert given == [{0: 0.5, 33: 3.0, DRUMS: 6.0}]
+    assert figures["asked"]["median_per_family"] == figures["real"]["median_per_family"]
+    assert figures["real"]["median_per_family"] == {"bass": 3.0, "drums": 6.0, "piano/keys": 0.5}
+    with pytest.raises(ValueError, match="one of default, real, flat"):
+        requests_from_excerpts(load_checkpoint(), [("piece", real)], 4, 0, asked="median")

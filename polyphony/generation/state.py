@@ -12,7 +12,7 @@ from ..instruments import GLOBAL_TRACK
 from ..tokenizer import (
     PolyTokenizer,
 )
-from .common import CLOSING_TOKENS, MAX_NOTES_PER_ONSET, N_TRACK_COLUMNS
+from .common import AHEAD_SCALE, CLOSING_TOKENS, MAX_NOTES_PER_ONSET, N_TRACK_COLUMNS
 
 
 @dataclass
@@ -73,7 +73,9 @@ class RowState:
             min=0
         ) / self.positions_per_bar.clamp(min=1)
         expected = targets[None, :] * bars[:, None]
-        return strength * torch.tanh((expected - self.notes) / (2.0 + targets[None, :]))
+        lag = expected - self.notes
+        scale = (2.0 + targets[None, :]) * torch.where(lag < 0, AHEAD_SCALE, 1.0)
+        return strength * torch.tanh(lag / scale)
 
     def mark_onset(self, moved: torch.Tensor, instruments, pitches, started) -> None:
         """A new Position or Bar (``moved``) clears a row's onsets; a note (``started``) adds
