@@ -464,17 +464,19 @@ def test_steering_pushes_a_lagging_part_and_holds_back_a_leading_one():
     assert bonus[40] == 0.0  # not requested
 
 
-def test_steering_holds_a_part_ahead_back_harder_than_it_pulls_one_behind():
-    """Notes played early are not taken back: four notes ahead weigh more than four behind."""
+def test_steering_leaves_a_part_alone_within_its_bar_and_holds_it_back_past_it():
+    """A part may play its whole bar's worth early (a chord on the downbeat); past that, four
+    notes too many weigh more than four notes missing."""
     state = RowState.start(1, RemiGrammar.START, torch.device("cpu"))
-    state.bars[:], state.position[:], state.positions_per_bar[:] = 3, -1, 32  # two bars written
+    state.bars[:], state.position[:], state.positions_per_bar[:] = 3, 3, 16  # 2 bars + 1/4
     targets = torch.zeros(130)
-    targets[33], targets[0] = 4.0, 4.0  # 8 notes expected of each
-    state.notes[0, 33], state.notes[0, 0] = 4, 12
+    targets[33], targets[0], targets[24] = 4.0, 4.0, 4.0  # 9 notes expected, 12 by the bar's end
+    state.notes[0, 33], state.notes[0, 0], state.notes[0, 24] = 5, 16, 11
     bonus = state.steering(targets, 3.0)[0]
-    assert bonus[33] == pytest.approx(3.0 * np.tanh(4 / 6))
-    assert bonus[0] == pytest.approx(-3.0 * np.tanh(4 / (6 * AHEAD_SCALE)))
+    assert bonus[33] == pytest.approx(3.0 * np.tanh(4 / 6))  # 4 behind
+    assert bonus[0] == pytest.approx(-3.0 * np.tanh(4 / (6 * AHEAD_SCALE)))  # 4 past the bar's
     assert -bonus[0] > bonus[33]
+    assert bonus[24] == 0.0  # ahead of the position, within the bar's worth
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -12,10 +12,9 @@ DEFAULT_BARS = 16
 # Density steering (Sampling.steer), chosen on 135 held-out band requests (docs/generation.md):
 # 4.5 brings thin parts to real + 1.2 points (3: +5.7) with every family it meets within 35 %.
 DEFAULT_STEER = 4.5
-# A part running ahead of its density is held back twice as fast as a lagging one is pulled
-# forward: notes played early are not taken back, so an over-playing part otherwise front-loads
-# the piece and then rests (README's "piano, bass, drums", 8 seeds x 16 bars: the densest piano
-# 14.4 -> 11.6 notes per bar, at most 52 % of a part's notes in the first half, was 59 %).
+# A part that has played more than the bars it has begun ask for is held back twice as fast as
+# a lagging part is pulled forward (RowState.steering): otherwise it front-loads the piece and
+# then rests (docs/generation.md, "Steering").
 AHEAD_SCALE = 0.5
 # Nucleus sampling by default: on 135 held-out band requests top-p 0.95 against 1.0 cut thin
 # parts 13.0 -> 11.8 %, pitch-class entropy's excess 19.9 -> 15.4 % and scale consistency's
