@@ -35,6 +35,9 @@ from .metrics import (
 )
 
 THIN = 0.5  # notes per bar: a part below this plays less than one note every two bars
+# What each part of a request is asked to play (requests_from_excerpts); "flat" is for models
+# trained without densities (the parts ablation), not a choice of evaluate_model.py.
+ASKED = ("default", "real", "flat")
 # The families of the report, as GM program ranges (drums apart).
 REPORT_FAMILIES = {
     "bass": range(32, 40),
@@ -153,9 +156,6 @@ def part_figures(
     table["precision"] = float(np.mean([f["precision"] for f in fidelity if f]))
     table["recall"] = float(np.mean([f["recall"] for f in fidelity if f]))
     return table
-
-
-ASKED = ("default", "real", "flat")
 
 
 def requests_from_excerpts(

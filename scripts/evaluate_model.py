@@ -54,7 +54,7 @@ def main() -> None:
     parser.add_argument("--per-piece", type=int, default=4, help="--parts: excerpts per piece")
     parser.add_argument(
         "--asked",
-        choices=parts.ASKED[:2],
+        choices=[a for a in parts.ASKED if a != "flat"],
         default="default",
         help="--parts requests: each part at its default density, or at what it plays in the "
         "real excerpt (the model's side of a gap apart from the default's)",
