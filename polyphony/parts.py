@@ -4,7 +4,8 @@ Measured on held-out band pieces (the validation and test splits' ``band`` sourc
 16-bar excerpts, against what those excerpts really play. Four checks, each a function:
 
 * :func:`requests_from_excerpts`: generate each excerpt's own instrument set (default
-  densities), compare notes per bar per part and per family, thin parts, PCE/SC/GC, fidelity;
+  densities), compare notes per bar per part and per family, thin parts, PCE/SC/GC, fidelity,
+  and how a part repeats itself (``pitch_recurrence``: its pitches heard again 4 bars later);
 * :func:`control`: ``sparse`` < ``medium`` < ``dense`` and a numeric request, per instrument;
 * :func:`continuation`: prompt tracks keep playing after the prompt;
 * :func:`arrangement`: added bass and drums land near their target density.
@@ -30,6 +31,7 @@ from .metrics import (
     instrument_fidelity,
     piece_bar_lines,
     pitch_class_entropy,
+    pitch_recurrence,
     scale_consistency,
     track_densities,
 )
@@ -121,6 +123,8 @@ def part_figures(
     the model missing its target and the target missing the music."""
     rates: dict[str, list[tuple[int, float]]] = {"generated": [], "real": []}
     metrics = {side: {name: [] for name in MUSIC_METRICS} for side in rates}
+    # (instrument, distinct pitches, recurrence) of every pitched part that plays.
+    phrases: dict[str, list[tuple[int, int, float]]] = {side: [] for side in rates}
     fidelity = []
     for generated, real in pairs:
         played = track_densities(generated)
@@ -132,6 +136,7 @@ def part_figures(
                 value = metric(score)
                 if np.isfinite(value):
                     metrics[side][name].append(value)
+            phrases[side].extend((i, *figures) for i, figures in pitch_recurrence(score).items())
         fidelity.append(instrument_fidelity(generated))
     table = {}
     for side, parts in rates.items():
@@ -144,6 +149,7 @@ def part_figures(
             "median_per_family": {f: _median(v) for f, v in sorted(by_family.items())},
             "parts_per_family": {f: len(v) for f, v in sorted(by_family.items())},
             **{name: float(np.mean(v)) if v else None for name, v in metrics[side].items()},
+            **_phrase_figures(phrases[side]),
         }
     if asked is not None:
         by_family = {}
@@ -156,6 +162,22 @@ def part_figures(
     table["precision"] = float(np.mean([f["precision"] for f in fidelity if f]))
     table["recall"] = float(np.mean([f["recall"] for f in fidelity if f]))
     return table
+
+
+def _phrase_figures(parts: list[tuple[int, int, float]]) -> dict[str, Any]:
+    """Per family, medians over the parts of their distinct pitches and recurrence (a part too
+    short to have a bar ``RECURRENCE_LAG`` bars back has no recurrence)."""
+    distinct: dict[str, list[int]] = {}
+    recurrence: dict[str, list[float]] = {}
+    for instrument, pitches, share in parts:
+        family = report_family(instrument)
+        distinct.setdefault(family, []).append(pitches)
+        if np.isfinite(share):
+            recurrence.setdefault(family, []).append(share)
+    return {
+        "distinct_pitches_per_family": {f: _median(v) for f, v in sorted(distinct.items())},
+        "recurrence_per_family": {f: _median(v) for f, v in sorted(recurrence.items())},
+    }
 
 
 def requests_from_excerpts(
@@ -312,6 +334,19 @@ def format_report(report: dict[str, Any]) -> str:
         gap = None if mine is None or not value else 100 * (mine / value - 1)
         lines.append(
             f"{name:24}{_number(mine, '.3f'):>11}{_number(value, '.3f'):>9}{_number(gap, '+.1f'):>8}%"
+        )
+    lines.append(
+        f"{'phrases (pitched parts)':24}{'recurrence':>11}{'real':>9}{'pitches':>9}{'real':>9}"
+    )
+    for family in real["recurrence_per_family"]:
+        values = [
+            requests[side][key].get(family)
+            for key in ("recurrence_per_family", "distinct_pitches_per_family")
+            for side in ("generated", "real")
+        ]
+        lines.append(
+            f"{family:24}{_number(values[0]):>11}{_number(values[1]):>9}"
+            f"{_number(values[2], '.1f'):>9}{_number(values[3], '.1f'):>9}"
         )
     lines.append(f"precision {requests['precision']:.3f}  recall {requests['recall']:.3f}")
     lines.append("density control (median notes/bar over the samples):")

@@ -11,7 +11,8 @@ about half); ``--requests validation`` asks for the validation pieces' own instr
 ``--nll`` it also scores the checkpoint on the validation split (``OUT/nll.json``).
 
 ``--parts`` runs the full-parts checks instead (polyphony/parts.py), on 16-bar excerpts of the
-held-out band pieces: generated vs real notes per bar per part and family, thin parts, PCE/SC/GC
+held-out band pieces: generated vs real notes per bar per part and family, thin parts, how each
+part repeats its phrases (recurrence 4 bars back, distinct pitches), PCE/SC/GC
 and instrument fidelity; density controls; continuation; arrangement (``OUT/parts.json``):
 
     python scripts/evaluate_model.py --checkpoint checkpoints/polyphony-mini \

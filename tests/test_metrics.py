@@ -26,6 +26,7 @@ from polyphony.metrics import (
     piece_bar_lines,
     pitch_class_entropy,
     pitch_ranges,
+    pitch_recurrence,
     polyphony,
     read_request,
     scale_consistency,
@@ -123,6 +124,26 @@ def test_pitch_range_is_per_instrument_and_pools_tracks_of_one_program():
         (33, False, quarters([28, 40, 35])),
     )
     assert pitch_ranges(score) == {0: (48, 72, 24), 33: (28, 40, 12)}
+
+
+def test_a_looped_phrase_recurs_fully_and_a_new_bar_counts_its_shared_share():
+    # Bars 0-3 hold C D E F, bars 4-7 repeat them; bar 8 plays C and G: C recurs, G does not.
+    phrase = [[60, 62], [64], [65, 67], [69]]
+    bars = phrase + phrase + [[60, 71]]
+    notes = [(b * BAR + i * TPQ, TPQ, p) for b, bar in enumerate(bars) for i, p in enumerate(bar)]
+    bass = [(b * BAR, TPQ, 28 + b) for b in range(9)]  # a new pitch every bar: never recurs
+    score = make_score(piano(notes), (33, False, bass), DRUM_KIT)
+    figures = pitch_recurrence(score)
+    assert set(figures) == {0, 33}  # drums have no pitches to repeat
+    assert figures[0] == (7, (4 * 1.0 + 0.5) / 5)
+    assert figures[33] == (9, 0.0)
+
+
+def test_recurrence_skips_silent_bars_and_is_undefined_for_a_short_part():
+    rest_then_repeat = [(0, TPQ, 60), (5 * BAR, TPQ, 60)]  # bar 4 silent, bar 5 has no partner
+    assert pitch_recurrence(make_score(piano(rest_then_repeat)))[0] == (1, 0.0)
+    short = pitch_recurrence(make_score(piano(quarters([60, 62, 64]))))
+    assert short[0][0] == 3 and math.isnan(short[0][1])
 
 
 # ---------------------------------------------------------------------------- polyphony

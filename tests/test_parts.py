@@ -70,6 +70,20 @@ def test_a_requested_part_that_stays_silent_counts_as_zero():
     assert figures["recall"] == 0.5
 
 
+def test_part_figures_report_how_each_family_repeats_its_phrases():
+    real = piece({0: [4], 33: [2], DRUMS: [8]})  # the same pitches every bar: recurrence 1
+    generated = piece({0: [4], DRUMS: [8]})
+    wandering = Track(program=33)
+    for bar in range(8):  # a new pair of pitches every bar: never heard 4 bars back
+        wandering.notes.extend(Note(bar * BAR + k * TPQ, TPQ, 28 + 2 * bar + k, 90) for k in (0, 1))
+    generated.tracks.append(wandering)
+    figures = part_figures([(generated, real)], n_bars=8)
+    assert figures["real"]["recurrence_per_family"] == {"bass": 1.0, "piano/keys": 1.0}
+    assert figures["generated"]["recurrence_per_family"] == {"bass": 0.0, "piano/keys": 1.0}
+    assert figures["real"]["distinct_pitches_per_family"] == {"bass": 2, "piano/keys": 4}
+    assert figures["generated"]["distinct_pitches_per_family"] == {"bass": 16, "piano/keys": 4}
+
+
 def test_report_families_cover_every_instrument():
     families = {report_family(i) for i in range(129)}
     assert families == {
