@@ -8,7 +8,8 @@ notes, fewer than two bars), as MusPy does. Drum tracks are left out of every pi
   Toolkit for Symbolic Music Generation", ISMIR 2020). Groove consistency differs in two
   documented details (grid and bar count, see its docstring).
 - ``note_density`` (notes per bar), ``empty_bar_rate`` (bars with no onset), ``pitch_ranges``
-  (per instrument) and ``instruments_present`` are polyphony's own, defined on the same bar grid.
+  and ``pitch_recurrence`` (per instrument) and ``instruments_present`` are polyphony's own,
+  defined on the same bar grid.
 - A generated file records what was asked for as a MIDI marker at tick 0,
   ``polyphony:instruments=0,33,128`` (instrument ids, 128 = drums); ``write_request`` and
   ``read_request`` handle it and ``instrument_fidelity`` compares it with what was played.
@@ -245,7 +246,7 @@ def pitch_recurrence(score: Score, lag: int = RECURRENCE_LAG) -> dict[int, tuple
     Recurrence: the mean, over the bars from bar ``lag`` on where the part has an onset, of the
     share of that bar's pitches the part also began ``lag`` bars earlier (nan if there is no such
     bar). A part that repeats its phrases scores near 1, one that wanders near 0: real band parts
-    loop a 2- or 4-bar figure, and a model that sees too few bars does not. polyphony's own.
+    loop a 2- or 4-bar figure. polyphony's own.
     """
     piece = _piece(score)
     bars = piece.bar_of(piece.onset)
