@@ -10,10 +10,13 @@ measured on the window; in generation it comes from the request:
   when the training data never had it), at least ``MIN_DEFAULT``; or, for a track of a
   prompt or an arranged piece, what it plays there.
 
-The statistics are measured once per training run on the train split (per piece: notes per bar
-of each instrument over the whole piece) and saved as ``densities.json`` beside the model, so
-defaults are data, not code. Two choices make them what a user of band music expects:
+The statistics are measured once per training run on the train split and saved as
+``densities.json`` beside the model, so defaults are data, not code. Three choices make them what
+a user of band music expects:
 
+* a piece counts, for each instrument, its median notes per bar over the ``STRETCH_BARS``-bar
+  stretches the instrument plays in: what the part plays when it is there, which is what a
+  window's header announces in training (over the whole piece, a part's rests would count);
 * each piece counts as much as its source does in training (``data.source_weights``): a
   chorale voice mapped to "Pad 4 (choir)" does not set the pad's default for a band;
 * an instrument seen in few pieces is pulled toward its GM family: its quartiles are
@@ -37,10 +40,12 @@ from .tokenizer import DENSITY_EDGES, PolyTokenizer, density_bin
 
 DENSITY_FILE = "densities.json"
 LEVELS = ("sparse", "medium", "dense")  # lower quartile, median, upper quartile
+# Densities are measured per stretch of this many bars: generate.py's default --bars.
+STRETCH_BARS = 16
 SHRINK_PIECES = 10.0  # pieces' worth of family evidence added to each instrument's own
 # An unrequested part plays at least this much: someone who names an instrument wants to hear
-# it, and the training medians of sound effects and percussion (0.04-0.4 notes per bar, rests
-# included) would leave it nearly silent. A request or a prompt's own track may ask for less.
+# it, and the training median of sound effects (0.06 notes per bar: one hit in a stretch) would
+# leave it nearly silent. A request or a prompt's own track may ask for less.
 MIN_DEFAULT = 1.0
 
 
@@ -135,7 +140,7 @@ class DensityStats:
         for ids, track_ids, header_length in pieces:
             weight = next(weights) if weights is not None else 1.0
             body, tracks = ids[header_length:], track_ids[header_length:]
-            for instrument, value in tokenizer.notes_per_bar(body, tracks, True).items():
+            for instrument, value in _while_playing(tokenizer, body, tracks).items():
                 per_instrument.setdefault(instrument, []).append(value)
                 per_weight.setdefault(instrument, []).append(weight)
         return cls.measure(per_instrument, per_weight if weights is not None else None, shrink)
@@ -162,7 +167,8 @@ class DensityStats:
     def to_json(self) -> str:
         return json.dumps(
             {
-                "unit": "notes per bar per piece of the train split, quartiles 25/50/75 "
+                "unit": "notes per bar of the train split's pieces (each: its median over the "
+                f"{STRETCH_BARS}-bar stretches a part plays in), quartiles 25/50/75 "
                 "(weighting and shrinkage: polyphony/densities.py)",
                 "density_edges": list(DENSITY_EDGES),
                 "instruments": {
@@ -194,6 +200,24 @@ class DensityStats:
             )
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
             raise DensityError(f"{path}: unreadable density statistics ({err})") from err
+
+
+def _while_playing(tokenizer: PolyTokenizer, body, tracks) -> dict[int, float]:
+    """Each instrument's median notes per bar over the ``STRETCH_BARS``-bar stretches of a
+    piece it plays in: what it plays when it is there, as a window's header counts it. Over the
+    whole piece, the rests of a part that sits out half the song would halve its density (a lead
+    synth's 1.9 notes per bar against 3.0 in the stretches it plays)."""
+    bars = np.flatnonzero(tokenizer.is_bar(body))
+    cuts = [0, *bars[STRETCH_BARS::STRETCH_BARS].tolist(), len(body)]
+    found: dict[int, list[float]] = {}
+    for start, end in zip(cuts, cuts[1:], strict=False):
+        last = end == len(body)
+        end = end if last else end + 1  # through the next bar line, which closes the stretch
+        stretch = tokenizer.notes_per_bar(body[start:end], tracks[start:end], last)
+        for instrument, value in stretch.items():
+            if value > 0:
+                found.setdefault(instrument, []).append(value)
+    return {i: float(np.median(v)) for i, v in found.items()}
 
 
 def parse_density(spec: str | Mapping | None) -> dict[int, float | str]:
@@ -267,7 +291,7 @@ def resolve(
 
 def level_value(quartiles: tuple[float, float, float], level: str) -> float:
     """Notes per bar of a level: its quartile, moved into the next bin when it shares the
-    median's (drums' median and upper quartile, 14.6 and 19.9, are both in [14, 20)), so that
+    median's (a median of 14.6 and an upper quartile of 19.9 are both in [14, 20)), so that
     ``sparse`` < ``medium`` < ``dense`` always ask for three different header bins."""
     value = quartiles[LEVELS.index(level)]
     middle = density_bin(quartiles[1])

@@ -8,9 +8,11 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from symusic import Note, Score, TimeSignature, Track
 
 from polyphony.densities import (
     DENSITY_FILE,
+    STRETCH_BARS,
     DensityError,
     DensityStats,
     level_value,
@@ -18,7 +20,7 @@ from polyphony.densities import (
     resolve,
 )
 from polyphony.instruments import DRUMS
-from polyphony.tokenizer import DENSITY_EDGES, density_bin
+from polyphony.tokenizer import DENSITY_EDGES, PolyTokenizer, density_bin
 
 STATS = DensityStats.measure({0: [2.0, 4.0, 6.0, 8.0, 10.0], 33: [3.0, 5.0, 7.0], DRUMS: [12, 15]})
 
@@ -56,6 +58,42 @@ def test_weights_count_each_piece_as_its_source_does_in_training():
     assert even.default(91) == 2.0 and weighted.default(91) == 6.0
     dropped = DensityStats.measure(values, weights={91: [0.0, 1.0, 1.0, 1.0, 1.0]})
     assert dropped.quartiles(91) == (2.0, 2.0, 2.0) and dropped.pieces[91] == 4
+
+
+def _piece(bass_per_bar: list[int], drums_per_bar: int) -> Score:
+    """4/4 at 480 ticks per quarter: the bass plays ``bass_per_bar[k]`` notes in bar k (rests
+    where 0), the drums ``drums_per_bar`` hits in every bar."""
+    score = Score(480)
+    score.time_signatures.append(TimeSignature(0, 4, 4))
+    bass, drums = Track(program=33), Track(program=0, is_drum=True)
+    for bar, count in enumerate(bass_per_bar):
+        for k in range(count):
+            bass.notes.append(Note(bar * 1920 + k * 1920 // count, 120, 40 + k % 5, 90))
+        for k in range(drums_per_bar):
+            drums.notes.append(Note(bar * 1920 + k * 1920 // drums_per_bar, 60, 36, 90))
+    score.tracks.extend([bass, drums])
+    return score
+
+
+@pytest.mark.parametrize("kind", ["remi", "cpword"])
+def test_a_default_is_what_a_part_plays_in_the_stretches_it_plays_in(kind):
+    """A bass at 4 notes per bar for a stretch, silent for one, at 8 for one: its piece counts
+    median(4, 8) = 6, not the whole piece's (4 + 0 + 8) / 3; a part that plays in only some
+    bars of a stretch is counted over the whole stretch; the drums play throughout."""
+    tokenizer = PolyTokenizer.build(kind)
+    n = STRETCH_BARS
+    half = [2] * (n // 2) + [0] * (n // 2)
+    pieces = [
+        tokenizer.encode(_piece([4] * n + [0] * n + [8] * n, drums_per_bar=12)),
+        tokenizer.encode(_piece(half + [4] * n, drums_per_bar=12)),
+    ]
+    stats = DensityStats.of_pieces(
+        tokenizer, [(p.ids[:-1], p.track_ids[:-1], p.header_length) for p in pieces], shrink=0
+    )
+    assert stats.pieces[33] == 2
+    # one value per piece: 6 (median of 4 and 8) and 2.5 (median of 1 and 4)
+    assert stats.default(33) == pytest.approx(np.median([6.0, 2.5]))
+    assert stats.default(DRUMS) == pytest.approx(12.0)
 
 
 def test_a_default_is_at_least_one_note_per_bar_but_a_request_may_ask_for_less():
