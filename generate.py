@@ -19,6 +19,7 @@ from pathlib import Path
 
 from polyphony.generation import (
     DEFAULT_CHECKPOINT,
+    DEFAULT_RECALL,
     DEFAULT_STEER,
     DEFAULT_TOP_P,
     GenerationError,
@@ -27,6 +28,7 @@ from polyphony.generation import (
     parse_field_temperature,
     write_midi,
 )
+from polyphony.generation.common import RECALL_BARS
 from polyphony.instruments import InstrumentError, instrument_name
 from polyphony.metrics import track_densities
 from polyphony.model import CheckpointError
@@ -90,6 +92,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_STEER,
         help="nudge each part toward its density: at most this many nats on its instrument's "
         f"choice, by how far it lags or leads (default {DEFAULT_STEER:g}; 0 = the model alone)",
+    )
+    how.add_argument(
+        "--recall",
+        type=float,
+        default=DEFAULT_RECALL,
+        help="make parts come back to their phrases: this many nats on the pitches a part "
+        f"began in its last {RECALL_BARS} bars (default {DEFAULT_RECALL:g}; 0 = the model alone)",
     )
     how.add_argument("--seed", type=int, help="same seed, same output (default: random, printed)")
     how.add_argument("--num-samples", type=int, default=1, help="generated as one batch")
@@ -167,6 +176,7 @@ def run(args: argparse.Namespace) -> int:
             top_p=args.top_p,
             field_temperature=parse_field_temperature(args.field_temperature),
             steer=args.steer,
+            recall=args.recall,
             num_samples=args.num_samples,
             max_tokens=args.max_tokens,
             seed=args.seed,

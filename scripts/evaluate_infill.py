@@ -28,7 +28,11 @@ from symusic import Score
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from polyphony.generation import load_checkpoint, sample_tokens, to_score  # noqa: E402
-from polyphony.generation.common import DEFAULT_STEER, DEFAULT_TOP_P  # noqa: E402
+from polyphony.generation.common import (  # noqa: E402
+    DEFAULT_RECALL,
+    DEFAULT_STEER,
+    DEFAULT_TOP_P,
+)
 from polyphony.generation.grammar import grammar_for  # noqa: E402
 from polyphony.generation.infill import plan_infill  # noqa: E402
 from polyphony.generation.sampling import Sampling, parse_field_temperature  # noqa: E402
@@ -154,6 +158,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--steer", type=float, default=DEFAULT_STEER)
+    parser.add_argument("--recall", type=float, default=DEFAULT_RECALL)
     parser.add_argument(
         "--field-temperature", metavar="F=T,...", default="", help="default: generate's"
     )
@@ -163,6 +168,7 @@ def main() -> None:
     sampling = Sampling(
         top_p=DEFAULT_TOP_P,
         steer=args.steer,
+        recall=args.recall,
         field_temperature=parse_field_temperature(args.field_temperature),
     )
     checkpoint = load_checkpoint(args.checkpoint, "cpu")

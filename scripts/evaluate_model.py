@@ -28,6 +28,7 @@ from pathlib import Path
 from polyphony import parts
 from polyphony.evaluate import evaluate_model, format_nll, format_table, validation_nll
 from polyphony.generation import (
+    DEFAULT_RECALL,
     DEFAULT_STEER,
     DEFAULT_TOP_P,
     load_checkpoint,
@@ -47,6 +48,7 @@ def main() -> None:
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--top-p", type=float, default=DEFAULT_TOP_P)
     parser.add_argument("--steer", type=float, default=DEFAULT_STEER, help="--parts requests")
+    parser.add_argument("--recall", type=float, default=DEFAULT_RECALL, help="--parts requests")
     parser.add_argument(
         "--field-temperature", metavar="F=T,...", help="--parts requests (default: generate's)"
     )
@@ -101,7 +103,12 @@ def run_parts(args: argparse.Namespace) -> None:
     # 16-bar excerpts every 8 bars (they overlap by half), up to --per-piece per held-out band
     # piece long enough; continuation and arrangement take each piece's first excerpt.
     excerpts = parts.band_excerpts(args.dataset, args.corpus, 16, args.per_piece, stride=8)
-    sampling = {"temperature": args.temperature, "top_p": args.top_p, "steer": args.steer}
+    sampling = {
+        "temperature": args.temperature,
+        "top_p": args.top_p,
+        "steer": args.steer,
+        "recall": args.recall,
+    }
     if args.field_temperature is not None:
         sampling["field_temperature"] = parse_field_temperature(args.field_temperature)
     report = {"excerpts": len(excerpts), "sampling": sampling, "asked": args.asked}

@@ -32,7 +32,13 @@ The package reads like gpt-fast's ``generate.py`` ladder, one concern a module:
 """
 
 from .api import generate, sample_tokens
-from .common import DEFAULT_CHECKPOINT, DEFAULT_STEER, DEFAULT_TOP_P, GenerationError
+from .common import (
+    DEFAULT_CHECKPOINT,
+    DEFAULT_RECALL,
+    DEFAULT_STEER,
+    DEFAULT_TOP_P,
+    GenerationError,
+)
 from .cpword import CPWordGrammar
 from .decode import compile_decoder
 from .grammar import Grammar, grammar_for, grammar_violations
@@ -47,6 +53,7 @@ __all__ = [
     "CPWordGrammar",
     "Checkpoint",
     "DEFAULT_CHECKPOINT",
+    "DEFAULT_RECALL",
     "DEFAULT_STEER",
     "DEFAULT_TOP_P",
     "GenerationError",

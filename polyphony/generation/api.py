@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from symusic import Score
 
-from .common import CONTEXT_KEPT, DEFAULT_STEER, DEFAULT_TOP_P, GenerationError
+from .common import CONTEXT_KEPT, DEFAULT_RECALL, DEFAULT_STEER, DEFAULT_TOP_P, GenerationError
 from .decode import _decode, compile_decoder
 from .grammar import grammar_for
 from .infill import parse_bars, plan_infill
@@ -76,6 +76,7 @@ def generate(
     top_p: float = DEFAULT_TOP_P,
     field_temperature: dict[str, float] | str | None = None,
     steer: float = DEFAULT_STEER,
+    recall: float = DEFAULT_RECALL,
     num_samples: int = 1,
     max_tokens: int | None = None,
     seed: int | None = None,
@@ -100,7 +101,8 @@ def generate(
     ``density`` sets how much parts play: ``"bass=4, drums=12, piano=dense"`` (notes per bar,
     or sparse/medium/dense = the instrument's quartiles in the training data). Unnamed parts
     play at their median in the training data; a prompt's or arranged piece's tracks as they
-    play there (densities.py).
+    play there (densities.py). ``steer`` pulls each part toward its density, ``recall`` its
+    pitches toward those it began in its last bars (docs/generation.md).
 
     ``bars`` counts the bars to generate (after the prompt, if any; default 16); ``max_tokens``
     caps the tokens the model chooses, ``time_limit`` the seconds of decoding; a prompt or
@@ -125,7 +127,8 @@ def generate(
     loaded = (
         checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint, device)
     )
-    sampling = Sampling(temperature, top_k, top_p, dict(field_temperature or {}), steer)
+    sampling = Sampling(temperature, top_k, top_p, dict(field_temperature or {}), steer, recall)
+    sampling.check(loaded.tokenizer.kind)  # before the seed is logged: a bad value is one line
     if infill is not None:
         plan = plan_infill(
             loaded.tokenizer, grammar_for(loaded.tokenizer, "cpu"), loaded.densities, infill,

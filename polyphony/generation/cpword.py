@@ -215,6 +215,10 @@ class CPWordGrammar:
             fields["program"] = fields["program"] + bonus  # 0 for non-program values
         masks = {"position": position_mask, "program": program_mask, **self.value_masks(s, c)}
         values = sample_fields({name: fields[name] for name in masks}, masks, sampling, gen)
+        if sampling.recall:  # drum notes draw PitchDrum values, which get no bonus
+            recent = s.recent_pitches(self.instrument_of[values["program"]])
+            bonus = recent[:, self.pitch_of.clamp(0, 127)] & self.is_pitch
+            fields["pitch"] = fields["pitch"] + sampling.recall * bonus
         values.update(
             sample_fields(
                 {"pitch": fields["pitch"]},

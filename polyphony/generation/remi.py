@@ -107,6 +107,7 @@ class RemiGrammar:
             "Velocity": self.VELOCITY, "Duration": self.DURATION,
         }  # fmt: skip
         self.is_pitch = of_kind("Pitch", "PitchDrum")
+        self.is_pitched_pitch = of_kind("Pitch")  # phrase recall leaves the drum kit alone
         self.pitch_of = table(
             [
                 int(v) if k in ("Pitch", "PitchDrum") else 0
@@ -288,6 +289,12 @@ class RemiGrammar:
         if steered and bool((allowed & self.is_program).any()):  # some row may start a note
             bonus = s.steering(c.targets, sampling.steer)[:, self.instrument_of]
             logits = logits + torch.where(self.is_program, bonus, 0.0)
+        if sampling.recall and bool((allowed & self.is_pitched_pitch).any()):
+            recent = (
+                s.recent_pitches(s.instrument)[:, self.pitch_of.clamp(0, 127)]
+                & self.is_pitched_pitch
+            )
+            logits = logits + sampling.recall * recent
         # Each row's temperature is that of the field its state draws next (pitch, velocity,
         # duration, or the temperature itself); batch 1 keeps the scalar path.
         table, values = self._field_temperatures(sampling)

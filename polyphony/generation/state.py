@@ -12,7 +12,13 @@ from ..instruments import GLOBAL_TRACK
 from ..tokenizer import (
     PolyTokenizer,
 )
-from .common import AHEAD_SCALE, CLOSING_TOKENS, MAX_NOTES_PER_ONSET, N_TRACK_COLUMNS
+from .common import (
+    AHEAD_SCALE,
+    CLOSING_TOKENS,
+    MAX_NOTES_PER_ONSET,
+    N_TRACK_COLUMNS,
+    RECALL_BARS,
+)
 
 
 @dataclass
@@ -34,6 +40,7 @@ class RowState:
     onset_pitch: torch.Tensor
     onset_notes: torch.Tensor
     onset_last: torch.Tensor
+    pitch_bar: torch.Tensor  # [B, 130, 128]: the bar each instrument last began each pitch in
     new_tokens: torch.Tensor  # tokens the model chose (forced and prompt tokens excluded)
     cursor: torch.Tensor  # arrangement: index of the next existing token
     after_existing: torch.Tensor  # arrangement: the last token was an existing one
@@ -56,6 +63,9 @@ class RowState:
             onset_pitch=torch.full((batch, N_TRACK_COLUMNS), -1, dtype=torch.long, device=device),
             onset_notes=torch.zeros(batch, N_TRACK_COLUMNS, dtype=torch.long, device=device),
             onset_last=full(-1),
+            pitch_bar=torch.full(
+                (batch, N_TRACK_COLUMNS, 128), -RECALL_BARS - 1, dtype=torch.long, device=device
+            ),
             new_tokens=full(0),
             cursor=full(0),
             after_existing=full(False, torch.bool),
@@ -83,7 +93,7 @@ class RowState:
 
     def mark_onset(self, moved: torch.Tensor, instruments, pitches, started) -> None:
         """A new Position or Bar (``moved``) clears a row's onsets; a note (``started``) adds
-        its pitch."""
+        its pitch, and its instrument's pitch is marked as begun in this bar (phrase recall)."""
         self.onset_pitch.masked_fill_(moved[:, None], -1)
         self.onset_notes.masked_fill_(moved[:, None], 0)
         self.onset_last.masked_fill_(moved, -1)
@@ -92,6 +102,15 @@ class RowState:
         self.onset_pitch[rows, instruments] = self.onset_pitch[rows, instruments].maximum(pitch)
         self.onset_notes[rows, instruments] += started
         self.onset_last = torch.where(started, instruments, -1).maximum(self.onset_last)
+        pitch = pitches.clamp(0, 127)
+        seen = self.pitch_bar[rows, instruments, pitch]
+        self.pitch_bar[rows, instruments, pitch] = torch.where(started, self.bars, seen)
+
+    def recent_pitches(self, instruments: torch.Tensor) -> torch.Tensor:
+        """``[B, 128]`` bool: the pitches each row's instrument began in this bar or the
+        ``RECALL_BARS`` before it."""
+        rows = torch.arange(len(instruments), device=instruments.device)
+        return self.bars[:, None] - self.pitch_bar[rows, instruments] <= RECALL_BARS
 
     def chord_full(self) -> torch.Tensor:
         """``[B, 130]``: instruments that started MAX_NOTES_PER_ONSET notes at this position."""
