@@ -466,17 +466,21 @@ def test_steering_pushes_a_lagging_part_and_holds_back_a_leading_one():
 
 def test_steering_leaves_a_part_alone_within_its_bar_and_holds_it_back_past_it():
     """A part may play its whole bar's worth early (a chord on the downbeat); past that, four
-    notes too many weigh more than four notes missing."""
+    notes too many weigh more than four notes missing, and a part far ahead is held back by
+    more than any lagging part is pulled (no cap: a sure model outweighed one)."""
     state = RowState.start(1, RemiGrammar.START, torch.device("cpu"))
     state.bars[:], state.position[:], state.positions_per_bar[:] = 3, 3, 16  # 2 bars + 1/4
     targets = torch.zeros(130)
-    targets[33], targets[0], targets[24] = 4.0, 4.0, 4.0  # 9 notes expected, 12 by the bar's end
-    state.notes[0, 33], state.notes[0, 0], state.notes[0, 24] = 5, 16, 11
+    targets[33], targets[0], targets[24], targets[1] = 4.0, 4.0, 4.0, 4.0
+    # 9 notes expected by now, 12 by the bar's end
+    state.notes[0, 33], state.notes[0, 0], state.notes[0, 24], state.notes[0, 1] = 5, 16, 11, 36
     bonus = state.steering(targets, 3.0)[0]
     assert bonus[33] == pytest.approx(3.0 * np.tanh(4 / 6))  # 4 behind
-    assert bonus[0] == pytest.approx(-3.0 * np.tanh(4 / (6 * AHEAD_SCALE)))  # 4 past the bar's
+    assert bonus[0] == pytest.approx(-3.0 * 4 / (6 * AHEAD_SCALE))  # 4 past the bar's
     assert -bonus[0] > bonus[33]
     assert bonus[24] == 0.0  # ahead of the position, within the bar's worth
+    assert bonus[1] == pytest.approx(-3.0 * 24 / (6 * AHEAD_SCALE))  # 24 past: twice the bar's
+    assert -bonus[1] > 3 * 3.0  # far past what a lagging part can be pulled (3.0)
 
 
 @pytest.mark.parametrize("kind", KINDS)
