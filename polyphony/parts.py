@@ -125,6 +125,8 @@ def part_figures(
     metrics = {side: {name: [] for name in MUSIC_METRICS} for side in rates}
     # (instrument, distinct pitches, recurrence) of every pitched part that plays.
     phrases: dict[str, list[tuple[int, int, float]]] = {side: [] for side in rates}
+    # Every pitched note's pitch, by family: where a part sits (a guitar at MIDI 115 is no guitar).
+    pitches: dict[str, dict[str, list[int]]] = {side: {} for side in rates}
     fidelity = []
     for generated, real in pairs:
         played = track_densities(generated)
@@ -137,6 +139,10 @@ def part_figures(
                 if np.isfinite(value):
                     metrics[side][name].append(value)
             phrases[side].extend((i, *figures) for i, figures in pitch_recurrence(score).items())
+            for track in score.tracks:
+                if not track.is_drum and len(track.notes):
+                    family = pitches[side].setdefault(report_family(track.program), [])
+                    family.extend(track.notes.numpy()["pitch"].tolist())
         fidelity.append(instrument_fidelity(generated))
     table = {}
     for side, parts in rates.items():
@@ -150,6 +156,7 @@ def part_figures(
             "parts_per_family": {f: len(v) for f, v in sorted(by_family.items())},
             **{name: float(np.mean(v)) if v else None for name, v in metrics[side].items()},
             **_phrase_figures(phrases[side]),
+            **_register_figures(pitches[side], pitches["real"]),
         }
     if asked is not None:
         by_family = {}
@@ -177,6 +184,21 @@ def _phrase_figures(parts: list[tuple[int, int, float]]) -> dict[str, Any]:
     return {
         "distinct_pitches_per_family": {f: _median(v) for f, v in sorted(distinct.items())},
         "recurrence_per_family": {f: _median(v) for f, v in sorted(recurrence.items())},
+    }
+
+
+def _register_figures(pitches: dict[str, list[int]], real: dict[str, list[int]]) -> dict:
+    """Per family, the median pitch, and the share of notes outside the real notes' 1st-99th
+    percentile of that family (the real side's own share is about 2 % by construction)."""
+    outside = {}
+    for family, values in pitches.items():
+        if real.get(family):
+            low, high = np.percentile(real[family], [1, 99])
+            values = np.asarray(values)
+            outside[family] = float(np.mean((values < low) | (values > high)))
+    return {
+        "median_pitch_per_family": {f: _median(v) for f, v in sorted(pitches.items())},
+        "out_of_register_per_family": dict(sorted(outside.items())),
     }
 
 
@@ -309,6 +331,18 @@ def _number(value, spec=".2f") -> str:
     return "-" if value is None else format(value, spec)
 
 
+def _paired_rows(requests, title: str, heads, keys, specs) -> list[str]:
+    """Two per-family figures (``keys``), each generated beside real."""
+    lines = [f"{title:24}{heads[0]:>11}{'real':>9}{heads[1]:>9}{'real':>9}"]
+    for family in requests["real"][keys[0]]:
+        a, b, c, d = (requests[side][k].get(family) for k in keys for side in ("generated", "real"))
+        lines.append(
+            f"{family:24}{_number(a, specs[0]):>11}{_number(b, specs[0]):>9}"
+            f"{_number(c, specs[1]):>9}{_number(d, specs[1]):>9}"
+        )
+    return lines
+
+
 def format_report(report: dict[str, Any]) -> str:
     requests = report["requests"]
     generated, real = requests["generated"], requests["real"]
@@ -335,19 +369,14 @@ def format_report(report: dict[str, Any]) -> str:
         lines.append(
             f"{name:24}{_number(mine, '.3f'):>11}{_number(value, '.3f'):>9}{_number(gap, '+.1f'):>8}%"
         )
-    lines.append(
-        f"{'phrases (pitched parts)':24}{'recurrence':>11}{'real':>9}{'pitches':>9}{'real':>9}"
-    )
-    for family in real["recurrence_per_family"]:
-        values = [
-            requests[side][key].get(family)
-            for key in ("recurrence_per_family", "distinct_pitches_per_family")
-            for side in ("generated", "real")
-        ]
-        lines.append(
-            f"{family:24}{_number(values[0]):>11}{_number(values[1]):>9}"
-            f"{_number(values[2], '.1f'):>9}{_number(values[3], '.1f'):>9}"
-        )
+    lines += _paired_rows(
+        requests, "phrases (pitched parts)", ("recurrence", "pitches"),
+        ("recurrence_per_family", "distinct_pitches_per_family"), (".2f", ".1f"),
+    )  # fmt: skip
+    lines += _paired_rows(
+        requests, "register (pitched notes)", ("median", "outside"),
+        ("median_pitch_per_family", "out_of_register_per_family"), (".0f", ".1%"),
+    )  # fmt: skip
     lines.append(f"precision {requests['precision']:.3f}  recall {requests['recall']:.3f}")
     lines.append("density control (median notes/bar over the samples):")
     for name, result in report["control"].items():

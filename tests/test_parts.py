@@ -84,6 +84,25 @@ def test_part_figures_report_how_each_family_repeats_its_phrases():
     assert figures["generated"]["distinct_pitches_per_family"] == {"bass": 16, "piano/keys": 4}
 
 
+def test_part_figures_report_where_each_family_plays():
+    """The real bass plays 48 and 50 every bar; the generated one those for 6 bars and two
+    octaves up (72, 74) for 2: a quarter of its notes lie outside the real notes' 1st-99th
+    percentile, and its median pitch moves up by one step (48 x 6, 50 x 6, 72 x 2, 74 x 2: 50);
+    the drums have no register."""
+    real = piece({33: [2], DRUMS: [8]})
+    generated = piece({DRUMS: [8]})
+    high = Track(program=33)
+    for bar in range(8):
+        pitches = (72, 74) if bar >= 6 else (48, 50)
+        high.notes.extend(Note(bar * BAR + k * TPQ, TPQ, p, 90) for k, p in enumerate(pitches))
+    generated.tracks.append(high)
+    figures = part_figures([(generated, real)], n_bars=8)
+    assert figures["generated"]["out_of_register_per_family"] == {"bass": 0.25}
+    assert figures["real"]["out_of_register_per_family"] == {"bass": 0.0}
+    assert figures["generated"]["median_pitch_per_family"] == {"bass": 50.0}
+    assert figures["real"]["median_pitch_per_family"] == {"bass": 49.0}
+
+
 def test_report_families_cover_every_instrument():
     families = {report_family(i) for i in range(129)}
     assert families == {
