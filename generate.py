@@ -20,6 +20,7 @@ from pathlib import Path
 from polyphony.generation import (
     DEFAULT_CHECKPOINT,
     DEFAULT_RECALL,
+    DEFAULT_REGISTER,
     DEFAULT_STEER,
     DEFAULT_TOP_P,
     GenerationError,
@@ -100,6 +101,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="make parts come back to their phrases: this many nats on the pitches a part "
         f"began in its last {RECALL_BARS} bars (default {DEFAULT_RECALL:g}; 0 = the model alone)",
     )
+    how.add_argument(
+        "--register",
+        type=float,
+        default=DEFAULT_REGISTER,
+        help="keep parts in their instrument's register in the training data: weight of its "
+        f"pitch Gaussian (default {DEFAULT_REGISTER:g}; 0 = any pitch, the model alone)",
+    )
     how.add_argument("--seed", type=int, help="same seed, same output (default: random, printed)")
     how.add_argument("--num-samples", type=int, default=1, help="generated as one batch")
     how.add_argument("--max-tokens", type=int, help="cap on the tokens the model writes")
@@ -177,6 +185,7 @@ def run(args: argparse.Namespace) -> int:
             field_temperature=parse_field_temperature(args.field_temperature),
             steer=args.steer,
             recall=args.recall,
+            register=args.register,
             num_samples=args.num_samples,
             max_tokens=args.max_tokens,
             seed=args.seed,

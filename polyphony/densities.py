@@ -1,4 +1,5 @@
-"""How much each part plays: the training data's notes-per-bar statistics and the user's requests.
+"""How much and where each part plays: the training data's notes per bar and registers, and the
+user's requests.
 
 A header announces every instrument with a density bin (tokenizer.py). In training the bin is
 measured on the window; in generation it comes from the request:
@@ -23,6 +24,12 @@ a user of band music expects:
   ``(n q_instrument + k q_family) / (n + k)`` for ``n`` pieces, ``k = SHRINK_PIECES``
   (Marimba's median over 4 pieces was 24 notes per bar, 3 of them in a marimba piece).
 
+Beside them, each pitched instrument's *register*: the 0.5th and 99.5th percentile, the mean and
+the standard deviation of the pitches of its notes in the train split (weighted like the
+densities; an instrument with fewer than ``REGISTER_MIN_NOTES`` notes takes its GM family's).
+Generation keeps the notes it starts between the percentiles and draws them toward the mean
+(docs/generation.md, "Registers"): a guitar at MIDI 115 is no guitar part.
+
 ``python -m polyphony.densities DATASET --config CONFIG --out MODEL_DIR`` measures them again.
 """
 
@@ -30,7 +37,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +54,10 @@ SHRINK_PIECES = 10.0  # pieces' worth of family evidence added to each instrumen
 # it, and the training median of sound effects (0.06 notes per bar: one hit in a stretch) would
 # leave it nearly silent. A request or a prompt's own track may ask for less.
 MIN_DEFAULT = 1.0
+REGISTER_PERCENTILES = (0.5, 99.5)
+REGISTER_MIN_NOTES = 200
+# A register: lowest and highest pitch (REGISTER_PERCENTILES), mean and standard deviation.
+Register = tuple[int, int, float, float]
 
 
 class DensityError(ValueError):
@@ -59,12 +70,15 @@ def family_of(instrument: int) -> str:
 
 @dataclass
 class DensityStats:
-    """Quartiles of notes per bar (per piece) by instrument, by GM family, and over all parts."""
+    """Quartiles of notes per bar (per piece) by instrument, by GM family, and over all parts;
+    registers by pitched instrument and GM family."""
 
     instruments: dict[int, tuple[float, float, float]]
     families: dict[str, tuple[float, float, float]]
     overall: tuple[float, float, float]
     pieces: dict[int, int]
+    registers: dict[int, Register] = field(default_factory=dict)
+    family_registers: dict[str, Register] = field(default_factory=dict)
 
     @classmethod
     def measure(
@@ -136,6 +150,8 @@ class DensityStats:
         share of training (WindowDataset.piece_weights); ``shrink``: see the module's doc."""
         per_instrument: dict[int, list[float]] = {}
         per_weight: dict[int, list[float]] = {}
+        histograms: dict[int, np.ndarray] = {}  # weighted notes per pitch, by instrument
+        counted: dict[int, int] = {}  # notes of pieces that train (weight > 0), by instrument
         weights = iter(weights) if weights is not None else None
         for ids, track_ids, header_length in pieces:
             weight = next(weights) if weights is not None else 1.0
@@ -143,7 +159,15 @@ class DensityStats:
             for instrument, value in _while_playing(tokenizer, body, tracks).items():
                 per_instrument.setdefault(instrument, []).append(value)
                 per_weight.setdefault(instrument, []).append(weight)
-        return cls.measure(per_instrument, per_weight if weights is not None else None, shrink)
+            pitches = tokenizer.note_pitches(body)
+            pitched = pitches >= 0
+            for instrument in np.unique(tracks[pitched]).tolist():
+                counts = np.bincount(pitches[pitched & (tracks == instrument)], minlength=128)
+                histograms[instrument] = histograms.get(instrument, 0) + weight * counts
+                counted[instrument] = counted.get(instrument, 0) + int(weight > 0) * counts.sum()
+        stats = cls.measure(per_instrument, per_weight if weights is not None else None, shrink)
+        stats.registers, stats.family_registers = _registers(histograms, counted)
+        return stats
 
     def falling_back_to(self, base: DensityStats) -> DensityStats:
         """These statistics where they measured an instrument or family, ``base``'s elsewhere:
@@ -153,6 +177,8 @@ class DensityStats:
             families=dict(sorted((base.families | self.families).items())),
             overall=self.overall,
             pieces=dict(sorted((base.pieces | self.pieces).items())),
+            registers=dict(sorted((base.registers | self.registers).items())),
+            family_registers=dict(sorted((base.family_registers | self.family_registers).items())),
         )
 
     def quartiles(self, instrument: int) -> tuple[float, float, float]:
@@ -162,6 +188,13 @@ class DensityStats:
 
     def default(self, instrument: int) -> float:
         return self.quartiles(instrument)[1]
+
+    def register(self, instrument: int) -> Register | None:
+        """Where ``instrument`` plays: its own register, its GM family's, or None (drums, or
+        statistics from before registers: anywhere)."""
+        if instrument in self.registers:
+            return self.registers[instrument]
+        return self.family_registers.get(family_of(instrument))
 
     # ------------------------------------------------------------------ file
     def to_json(self) -> str:
@@ -177,6 +210,13 @@ class DensityStats:
                 },
                 "families": {f: list(q) for f, q in self.families.items()},
                 "overall": list(self.overall),
+                "registers": {
+                    "unit": f"lowest and highest pitch (percentiles {REGISTER_PERCENTILES}), "
+                    "mean and standard deviation of the pitches of the train split's notes of "
+                    "each instrument (family)",
+                    "instruments": {str(i): list(r) for i, r in self.registers.items()},
+                    "families": {f: list(r) for f, r in self.family_registers.items()},
+                },
             },
             indent=1,
         )
@@ -192,11 +232,18 @@ class DensityStats:
         try:
             data = json.loads(path.read_text())
             instruments = {int(i): tuple(e["quartiles"]) for i, e in data["instruments"].items()}
+            registers = data.get("registers", {})  # none in statistics from before registers
             return cls(
                 instruments=instruments,
                 families={f: tuple(q) for f, q in data["families"].items()},
                 overall=tuple(data["overall"]),
                 pieces={int(i): int(e["pieces"]) for i, e in data["instruments"].items()},
+                registers={
+                    int(i): _register(r) for i, r in registers.get("instruments", {}).items()
+                },
+                family_registers={
+                    f: _register(r) for f, r in registers.get("families", {}).items()
+                },
             )
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
             raise DensityError(f"{path}: unreadable density statistics ({err})") from err
@@ -218,6 +265,34 @@ def _while_playing(tokenizer: PolyTokenizer, body, tracks) -> dict[int, float]:
             if value > 0:
                 found.setdefault(instrument, []).append(value)
     return {i: float(np.median(v)) for i, v in found.items()}
+
+
+def _register(values) -> Register:
+    low, high, mean, spread = values
+    return int(low), int(high), float(mean), float(spread)
+
+
+def _registers(
+    histograms: Mapping[int, np.ndarray], counted: Mapping[int, int]
+) -> tuple[dict[int, Register], dict[str, Register]]:
+    """Registers from weighted notes per pitch: each instrument's with ``REGISTER_MIN_NOTES``
+    notes or more (``counted``), and each family's (all its instruments' notes together)."""
+
+    def span(counts: np.ndarray) -> Register:
+        share = counts / counts.sum()
+        low, high = (np.searchsorted(np.cumsum(share), q / 100) for q in REGISTER_PERCENTILES)
+        mean = float(share @ np.arange(128))
+        spread = float(np.sqrt(share @ (np.arange(128) - mean) ** 2))
+        return int(low), int(high), round(mean, 2), round(spread, 2)
+
+    by_family: dict[str, np.ndarray] = {}
+    for instrument, counts in histograms.items():
+        by_family[family_of(instrument)] = by_family.get(family_of(instrument), 0) + counts
+    instruments = {
+        i: span(c) for i, c in sorted(histograms.items()) if counted[i] >= REGISTER_MIN_NOTES
+    }  # fmt: skip
+    families = {f: span(c) for f, c in sorted(by_family.items()) if c.sum() > 0}
+    return instruments, families
 
 
 def parse_density(spec: str | Mapping | None) -> dict[int, float | str]:

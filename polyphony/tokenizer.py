@@ -188,6 +188,7 @@ class PolyTokenizer:
                 if kinds[index] == "Program":
                     self._instrument_of[index] = program_to_instrument(int(name.split("_", 1)[1]))
             self._token_names = names
+            self._pitch_of = _pitch_table(names)
             self.vocab_sizes = [size]
             self.pad_id, self.bos_id, self.eos_id, self.mask_id, self.sep_id = (
                 vocab[f"{s}_None"] for s in ("PAD", "BOS", "EOS", "MASK", "SEP")
@@ -215,6 +216,7 @@ class PolyTokenizer:
             ]
             for k in range(N_DENSITY_BINS):
                 self._token_names[CPWORD_DENSITY_COLUMN][self.density_base + k] = f"Density_{k}"
+            self._pitch_of = _pitch_table(self._token_names[CPWORD_FIELDS.index("pitch")])
 
     def program_token(self, instrument: int) -> int:
         """The id of the Program token (REMI) / program-field value (CPWord) of an instrument."""
@@ -320,6 +322,16 @@ class PolyTokenizer:
         counted = body_tracks[start:end][notes[start:end]]
         counts = np.bincount(counted, minlength=GLOBAL_TRACK + 1)
         return {int(i): float(counts[i]) / n_bars for i in present}
+
+    def note_pitches(self, ids: np.ndarray) -> np.ndarray:
+        """The pitch of every pitched note (REMI Pitch token, CPWord Note compound of a pitched
+        program), -1 elsewhere (drum notes included): where a part plays (densities.py)."""
+        ids = np.asarray(ids, dtype=np.int64)
+        table = self._pitch_of
+        if self.kind == "remi":
+            return table[np.clip(ids, 0, len(table) - 1)]
+        column = ids[:, CPWORD_FIELDS.index("pitch")]
+        return np.where(self.note_mask(ids), table[np.clip(column, 0, len(table) - 1)], -1)
 
     def eos(self) -> np.ndarray:
         if self.kind == "remi":
@@ -534,6 +546,17 @@ def density_bin(notes_per_bar: float) -> int:
 
 def note_count(score: Score) -> int:
     return sum(track.note_num() for track in score.tracks)
+
+
+def _pitch_table(names) -> np.ndarray:
+    """Token id (or field value) -> its pitch for ``Pitch_N`` names, -1 for any other."""
+    items = enumerate(names) if isinstance(names, list) else names.items()
+    size = len(names) if isinstance(names, list) else max(names) + 1
+    table = np.full(size, -1, dtype=np.int64)
+    for index, name in items:
+        if name is not None and name.startswith("Pitch_"):
+            table[index] = int(name.split("_", 1)[1])
+    return table
 
 
 __all__ = [

@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from polyphony.generation import load_checkpoint, sample_tokens, to_score  # noqa: E402
 from polyphony.generation.common import (  # noqa: E402
     DEFAULT_RECALL,
+    DEFAULT_REGISTER,
     DEFAULT_STEER,
     DEFAULT_TOP_P,
 )
@@ -159,6 +160,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--steer", type=float, default=DEFAULT_STEER)
     parser.add_argument("--recall", type=float, default=DEFAULT_RECALL)
+    parser.add_argument("--register", type=float, default=DEFAULT_REGISTER)
     parser.add_argument(
         "--field-temperature", metavar="F=T,...", default="", help="default: generate's"
     )
@@ -169,6 +171,7 @@ def main() -> None:
         top_p=DEFAULT_TOP_P,
         steer=args.steer,
         recall=args.recall,
+        register=args.register,
         field_temperature=parse_field_temperature(args.field_temperature),
     )
     checkpoint = load_checkpoint(args.checkpoint, "cpu")

@@ -29,6 +29,7 @@ from polyphony import parts
 from polyphony.evaluate import evaluate_model, format_nll, format_table, validation_nll
 from polyphony.generation import (
     DEFAULT_RECALL,
+    DEFAULT_REGISTER,
     DEFAULT_STEER,
     DEFAULT_TOP_P,
     load_checkpoint,
@@ -49,6 +50,7 @@ def main() -> None:
     parser.add_argument("--top-p", type=float, default=DEFAULT_TOP_P)
     parser.add_argument("--steer", type=float, default=DEFAULT_STEER, help="--parts requests")
     parser.add_argument("--recall", type=float, default=DEFAULT_RECALL, help="--parts requests")
+    parser.add_argument("--register", type=float, default=DEFAULT_REGISTER, help="--parts requests")
     parser.add_argument(
         "--field-temperature", metavar="F=T,...", help="--parts requests (default: generate's)"
     )
@@ -108,6 +110,7 @@ def run_parts(args: argparse.Namespace) -> None:
         "top_p": args.top_p,
         "steer": args.steer,
         "recall": args.recall,
+        "register": args.register,
     }
     if args.field_temperature is not None:
         sampling["field_temperature"] = parse_field_temperature(args.field_temperature)

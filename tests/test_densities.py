@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -12,6 +13,8 @@ from symusic import Note, Score, TimeSignature, Track
 
 from polyphony.densities import (
     DENSITY_FILE,
+    REGISTER_MIN_NOTES,
+    REGISTER_PERCENTILES,
     STRETCH_BARS,
     DensityError,
     DensityStats,
@@ -96,6 +99,47 @@ def test_a_default_is_what_a_part_plays_in_the_stretches_it_plays_in(kind):
     assert stats.default(DRUMS) == pytest.approx(12.0)
 
 
+@pytest.mark.parametrize("kind", ["remi", "cpword"])
+def test_registers_equal_an_independent_count_of_each_parts_pitches(kind):
+    """A finger bass with enough notes gets the percentiles, mean and spread of its own pitches;
+    a fretless bass with a few low notes gets the bass family's (both basses' notes); drums and
+    a family never seen get none. Counted on the Scores, not the tokens."""
+    tokenizer = PolyTokenizer.build(kind)
+    finger = _piece([8] * 32, drums_per_bar=4)  # 256 notes over 40..44
+    fretless = Score(480)
+    fretless.time_signatures.append(TimeSignature(0, 4, 4))
+    low = Track(program=35)
+    low.notes.extend(Note(k * 480, 240, 28 + k % 3, 90) for k in range(12))
+    fretless.tracks.append(low)
+    encoded = [tokenizer.encode(finger), tokenizer.encode(fretless)]
+    stats = DensityStats.of_pieces(
+        tokenizer, [(p.ids[:-1], p.track_ids[:-1], p.header_length) for p in encoded]
+    )
+
+    def expected(pitches: np.ndarray) -> tuple:
+        low, high = np.percentile(pitches, REGISTER_PERCENTILES, method="inverted_cdf")
+        return (
+            int(low),
+            int(high),
+            pytest.approx(pitches.mean(), abs=0.01),
+            pytest.approx(pitches.std(), abs=0.01),
+        )
+
+    own = finger.tracks[0].notes.numpy()["pitch"].astype(float)
+    both = np.concatenate([own, low.notes.numpy()["pitch"].astype(float)])
+    assert len(own) >= REGISTER_MIN_NOTES > len(low.notes)
+    assert stats.register(33) == expected(own)
+    assert stats.register(35) == expected(both) == stats.family_registers["family_4"]
+    assert stats.register(DRUMS) is None and stats.register(40) is None
+
+
+def test_statistics_from_before_registers_load_without_them(tmp_path):
+    data = json.loads(STATS.to_json())
+    del data["registers"]
+    (tmp_path / DENSITY_FILE).write_text(json.dumps(data))
+    assert DensityStats.load(tmp_path).register(33) is None
+
+
 def test_a_default_is_at_least_one_note_per_bar_but_a_request_may_ask_for_less():
     stats = DensityStats.measure({119: [0.1, 0.1, 0.2], 0: [6.0]})  # a reverse cymbal, a piano
     assert resolve(stats, [119, 0], {}) == {119: 1.0, 0: 6.0}
@@ -106,6 +150,13 @@ def test_a_default_is_at_least_one_note_per_bar_but_a_request_may_ask_for_less()
 def test_the_file_round_trips(tmp_path):
     (tmp_path / DENSITY_FILE).write_text(STATS.to_json())
     assert DensityStats.load(tmp_path) == STATS
+    placed = dataclasses.replace(
+        STATS,
+        registers={33: (28, 55, 40.5, 6.25)},
+        family_registers={"family_4": (24, 60, 41.0, 7.5)},
+    )
+    (tmp_path / DENSITY_FILE).write_text(placed.to_json())
+    assert DensityStats.load(tmp_path) == placed
     assert json.loads((tmp_path / DENSITY_FILE).read_text())["density_edges"] == list(DENSITY_EDGES)
     with pytest.raises(DensityError, match="not found.*--export"):
         DensityStats.load(tmp_path / "elsewhere")

@@ -51,6 +51,7 @@ from polyphony.generation.common import AHEAD_SCALE, RECALL_BARS
 from polyphony.generation.decode import _after_prompt, _windows
 from polyphony.generation.infill import infill_ids, plan_infill
 from polyphony.generation.output import _end_at_bar_line
+from polyphony.generation.plan import register_tables
 from polyphony.instruments import DRUMS, GLOBAL_TRACK, instrument_name, program_to_instrument
 from polyphony.metrics import instrument_fidelity, read_request
 from polyphony.model import PolyphonyGPT
@@ -313,6 +314,29 @@ def test_arrangement_keeps_every_existing_note_and_adds_parts(checkpoints, small
 
 
 @pytest.mark.parametrize("kind", KINDS)
+def test_an_arranged_piece_keeps_its_notes_outside_the_registers(checkpoints, small_piece, kind):
+    """Every register narrowed to 40..45: the piece's own notes, chords above it included, are
+    kept as they are; the added pitched parts keep to 40..45."""
+    checkpoint = checkpoints[kind]
+    narrow = {i: (40, 45, 42.0, 2.0) for i in range(128)}
+    narrowed = dataclasses.replace(
+        checkpoint, densities=dataclasses.replace(checkpoint.densities, registers=narrow)
+    )
+    existing = notes_of(quantised(checkpoint.tokenizer, small_piece))
+    assert any(not 40 <= n[2] <= 45 for i, notes in existing.items() if i != DRUMS for n in notes)
+    added = [i for i in ADDABLE if i not in existing][:2]
+    plan = make_plan(narrowed.tokenizer, narrowed.densities, arrange=small_piece, add=added)
+    for ids in sample_tokens(narrowed, plan, Sampling(), num_samples=2, seed=3):
+        output = notes_of(to_score(narrowed.tokenizer, ids, plan))
+        for instrument, notes in existing.items():
+            assert output[instrument] == notes, instrument_name(instrument)
+        for instrument in added:
+            assert output[instrument]
+            if instrument != DRUMS:
+                assert all(40 <= n[2] <= 45 for n in output[instrument])
+
+
+@pytest.mark.parametrize("kind", KINDS)
 def test_infill_rewrites_only_the_region_of_the_chosen_tracks(checkpoints, small_piece, kind):
     """Bars 2-3 of every track, then of one track: outside them every note is the quantised
     piece's, inside them the other tracks keep theirs, and the piece keeps its bars. The tiny
@@ -564,6 +588,45 @@ def test_recall_makes_parts_reuse_their_pitches(checkpoints, kind):
     assert distinct_pitches(20.0) < 0.8 * distinct_pitches(0.0)
 
 
+def test_a_register_bounds_a_parts_pitches_and_centres_them_on_its_mean():
+    """register_tables: the bass may start 40..45 only, its prior is 0 at its mean and -1/2 a
+    standard deviation away; the drums and an instrument the statistics lack may start any."""
+    stats = dataclasses.replace(FLAT, registers={33: (40, 45, 42.0, 2.0)})
+    bounds, prior = register_tables(stats, "cpu")
+    assert bounds[33].tolist() == [40, 45]
+    assert bounds[DRUMS].tolist() == bounds[40].tolist() == [0, 127]
+    assert prior[33, 42] == 0.0 and prior[33, 44] == pytest.approx(-0.5)
+    assert int(prior[33].argmax()) == 42
+    assert not prior[DRUMS].any() and not prior[40].any()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_parts_keep_to_their_register(checkpoints, kind):
+    """The bass's register narrowed to 40..45 and the piano's centred low (mean 36, spread 3):
+    every new bass note lands in 40..45 and the piano's median pitch moves down to its register,
+    where the model alone (register 0) goes outside the bass's and keeps the piano higher."""
+    checkpoint = checkpoints[kind]
+    registers = {33: (40, 45, 42.0, 2.0), 0: (21, 108, 36.0, 3.0)}
+    narrowed = dataclasses.replace(
+        checkpoint,
+        densities=dataclasses.replace(checkpoint.densities, registers=registers),
+    )
+    plan = make_plan(narrowed.tokenizer, narrowed.densities, instruments="piano, bass", bars=8)
+
+    def pitches(register: float) -> dict[int, list[int]]:
+        rows = sample_tokens(narrowed, plan, Sampling(register=register), num_samples=4, seed=2)
+        found: dict[int, list[int]] = {0: [], 33: []}
+        for ids in rows:
+            for instrument, notes in notes_of(to_score(narrowed.tokenizer, ids, plan)).items():
+                found[instrument].extend(n[2] for n in notes)
+        return found
+
+    kept, alone = pitches(5.0), pitches(0.0)
+    assert kept[33] and all(40 <= p <= 45 for p in kept[33])
+    assert any(not 40 <= p <= 45 for p in alone[33])
+    assert np.median(kept[0]) <= 42 < np.median(alone[0])
+
+
 # ----------------------------------------------------------------------------- decoding
 def test_same_seed_same_file_different_seed_different_file(checkpoints):
     def midi(seed):
@@ -746,6 +809,7 @@ CLI_FAILURES = {
     "tokenizer mismatch": (*PIECE, "--checkpoint", "{root}/mismatched"),
     "model.safetensors": (*PIECE, "--checkpoint", "{root}/truncated"),
     "recall=-1.0: must be in 0..20": (*PIECE, "--recall", "-1", "--checkpoint", "{remi}"),
+    "register=-1.0: must be in 0..20": (*PIECE, "--register", "-1", "--checkpoint", "{remi}"),
     "exclude each other": ("--prompt", "{root}/garbage.mid", "--arrange", "{root}/garbage.mid"),
 }
 

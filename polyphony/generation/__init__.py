@@ -35,6 +35,7 @@ from .api import generate, sample_tokens
 from .common import (
     DEFAULT_CHECKPOINT,
     DEFAULT_RECALL,
+    DEFAULT_REGISTER,
     DEFAULT_STEER,
     DEFAULT_TOP_P,
     GenerationError,
@@ -54,6 +55,7 @@ __all__ = [
     "Checkpoint",
     "DEFAULT_CHECKPOINT",
     "DEFAULT_RECALL",
+    "DEFAULT_REGISTER",
     "DEFAULT_STEER",
     "DEFAULT_TOP_P",
     "GenerationError",

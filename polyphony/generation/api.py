@@ -11,13 +11,20 @@ import numpy as np
 import torch
 from symusic import Score
 
-from .common import CONTEXT_KEPT, DEFAULT_RECALL, DEFAULT_STEER, DEFAULT_TOP_P, GenerationError
+from .common import (
+    CONTEXT_KEPT,
+    DEFAULT_RECALL,
+    DEFAULT_REGISTER,
+    DEFAULT_STEER,
+    DEFAULT_TOP_P,
+    GenerationError,
+)
 from .decode import _decode, compile_decoder
 from .grammar import grammar_for
 from .infill import parse_bars, plan_infill
 from .loading import Checkpoint, load_checkpoint
 from .output import to_score
-from .plan import Plan, check_request, make_plan, resolve_instruments
+from .plan import Plan, check_request, make_plan, register_tables, resolve_instruments
 from .sampling import Sampling, parse_field_temperature
 
 log = logging.getLogger(__name__)
@@ -48,6 +55,9 @@ def sample_tokens(
         )
     grammar = grammar_for(tokenizer, checkpoint.device)
     constraints = plan.constraints(checkpoint.device)
+    if sampling.register:
+        tables = register_tables(checkpoint.densities, checkpoint.device)
+        constraints.registers, constraints.pitch_prior = tables
     if plan.existing is not None:
         constraints.existing = grammar.existing_stream(plan.existing, checkpoint.device)
     generator = torch.Generator(device=checkpoint.device).manual_seed(seed)
@@ -77,6 +87,7 @@ def generate(
     field_temperature: dict[str, float] | str | None = None,
     steer: float = DEFAULT_STEER,
     recall: float = DEFAULT_RECALL,
+    register: float = DEFAULT_REGISTER,
     num_samples: int = 1,
     max_tokens: int | None = None,
     seed: int | None = None,
@@ -102,7 +113,8 @@ def generate(
     or sparse/medium/dense = the instrument's quartiles in the training data). Unnamed parts
     play at their median in the training data; a prompt's or arranged piece's tracks as they
     play there (densities.py). ``steer`` pulls each part toward its density, ``recall`` its
-    pitches toward those it began in its last bars (docs/generation.md).
+    pitches toward those it began in its last bars, ``register`` toward its instrument's register
+    in the training data (and never past it; 0: anywhere) (docs/generation.md).
 
     ``bars`` counts the bars to generate (after the prompt, if any; default 16); ``max_tokens``
     caps the tokens the model chooses, ``time_limit`` the seconds of decoding; a prompt or
@@ -127,7 +139,9 @@ def generate(
     loaded = (
         checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint, device)
     )
-    sampling = Sampling(temperature, top_k, top_p, dict(field_temperature or {}), steer, recall)
+    sampling = Sampling(
+        temperature, top_k, top_p, dict(field_temperature or {}), steer, recall, register
+    )
     sampling.check(loaded.tokenizer.kind)  # before the seed is logged: a bad value is one line
     if infill is not None:
         plan = plan_infill(

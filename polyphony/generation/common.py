@@ -20,6 +20,9 @@ AHEAD_SCALE = 0.5
 # parts 13.0 -> 11.8 %, pitch-class entropy's excess 19.9 -> 15.4 % and scale consistency's
 # shortfall 12.1 -> 9.5 % (the model card's table).
 DEFAULT_TOP_P = 0.95
+# Register (Sampling.register): the log-density of a Gaussian over an instrument's pitches in the
+# training data, at this weight, added to its pitch logits (docs/generation.md, "Registers").
+DEFAULT_REGISTER = 1.0
 # Phrase recall (Sampling.recall) favours the pitches a part began in its last RECALL_BARS bars and
 # the current one: one phrase of band music, which comes back where generated parts wander. 0.3
 # on 135 held-out band requests: bass recurrence 0.28 -> 0.33, pitch-class entropy +2.5 -> -4.7 %

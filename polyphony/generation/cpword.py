@@ -138,7 +138,9 @@ class CPWordGrammar:
             c.entries_unordered & ~s.played[:, self.instrument_of]
         )
         program_ok &= (self.instrument_of >= col(last)) | excused
-        program_ok &= highest[:, self.instrument_of] < self.top_pitch
+        program_ok &= (
+            highest[:, self.instrument_of] < c.highest_start(self.top_pitch)[self.instrument_of]
+        )
         eos_ok = ((state == self.BAR) | (state == self.NOTE)) & b.closing & b.complete
 
         e = c.existing
@@ -191,11 +193,15 @@ class CPWordGrammar:
             "duration": self.is_duration.expand(batch, -1),
         }
 
-    def pitch_mask(self, s: RowState, program: torch.Tensor) -> torch.Tensor:
-        """PitchDrum values for a drum note, Pitch values for any other; above the pitches the
-        instrument already started at this position (the training order; never a pitch twice)."""
+    def pitch_mask(self, s: RowState, program: torch.Tensor, c: Constraints) -> torch.Tensor:
+        """PitchDrum values for a drum note, Pitch values in its register for any other; above
+        the pitches the instrument already started at this position (the training order; never
+        a pitch twice)."""
         instrument = self.instrument_of[program]
-        kind = torch.where((instrument == DRUMS)[:, None], self.is_drum_pitch, self.is_pitch)
+        # Empty only where the model drew an arranged piece's note whose chord here has passed
+        # the register: sample() draws id 0 and the existing compound is written as it is.
+        pitched = self.is_pitch & c.in_register(instrument, self.pitch_of)
+        kind = torch.where((instrument == DRUMS)[:, None], self.is_drum_pitch, pitched)
         _, highest = s.onset_order()
         rows = torch.arange(len(instrument), device=instrument.device)
         return kind & (self.pitch_of > highest[rows, instrument][:, None])
@@ -215,14 +221,18 @@ class CPWordGrammar:
             fields["program"] = fields["program"] + bonus  # 0 for non-program values
         masks = {"position": position_mask, "program": program_mask, **self.value_masks(s, c)}
         values = sample_fields({name: fields[name] for name in masks}, masks, sampling, gen)
-        if sampling.recall:  # drum notes draw PitchDrum values, which get no bonus
-            recent = s.recent_pitches(self.instrument_of[values["program"]])
-            bonus = recent[:, self.pitch_of.clamp(0, 127)] & self.is_pitch
+        # Phrase recall and the register; drum notes draw PitchDrum values, which get neither.
+        instrument, pitch = self.instrument_of[values["program"]], self.pitch_of.clamp(0, 127)
+        if sampling.recall:
+            bonus = s.recent_pitches(instrument)[:, pitch] & self.is_pitch
             fields["pitch"] = fields["pitch"] + sampling.recall * bonus
+        if c.pitch_prior is not None:
+            prior = torch.where(self.is_pitch, c.pitch_prior[instrument][:, pitch], 0)
+            fields["pitch"] = fields["pitch"] + sampling.register * prior
         values.update(
             sample_fields(
                 {"pitch": fields["pitch"]},
-                {"pitch": self.pitch_mask(s, values["program"])},
+                {"pitch": self.pitch_mask(s, values["program"], c)},
                 sampling,
                 gen,
             )
@@ -273,7 +283,7 @@ class CPWordGrammar:
         })[0]  # fmt: skip
         if not torch.equal(expected, token):
             return "a field this family does not use is not Ignore"
-        masks = {**self.value_masks(s, c), "pitch": self.pitch_mask(s, token[None, 5])}
+        masks = {**self.value_masks(s, c), "pitch": self.pitch_mask(s, token[None, 5], c)}
         if family == self.metric_id:
             checks = {"position": position_mask[0, position]}
             if self.is_bar_value[position]:

@@ -229,6 +229,20 @@ def _header(tokenizer: PolyTokenizer, densities: dict[int, float]) -> np.ndarray
     return tokenizer.header(bins(densities))
 
 
+def register_tables(stats: DensityStats, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Constraints.registers and .pitch_prior from each instrument's register in the training
+    data (its family's; none for drums and statistics from before registers: any pitch, 0)."""
+    bounds = torch.tensor([[0, 127]] * N_TRACK_COLUMNS)
+    prior = torch.zeros(N_TRACK_COLUMNS, 128)
+    for instrument in range(128):
+        register = stats.register(instrument)
+        if register is not None:
+            low, high, mean, spread = register
+            bounds[instrument] = torch.tensor([low, high])
+            prior[instrument] = -0.5 * ((torch.arange(128) - mean) / max(spread, 1.0)) ** 2
+    return bounds.to(device), prior.to(device)
+
+
 def plan_instruments(
     tokenizer, grammar, stats, instruments, bars, tempo, time_signature, max_tokens, density
 ) -> Plan:

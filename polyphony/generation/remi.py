@@ -246,11 +246,12 @@ class RemiGrammar:
             excused = (forcing & b.missing) | (c.entries_unordered & ~s.played)
             in_order = (self.columns >= col(last)) | excused
             # and an instrument starts a note only while a pitch above its last one remains.
-            in_order &= ~blocked & (highest < self.top_pitch)
+            in_order &= ~blocked & (highest < c.highest_start(self.top_pitch))
             allowed &= self.not_program | in_order[:, self.instrument_of]
         if "Pitch" in follows or "PitchDrum" in follows:
             rows = torch.arange(len(last), device=last.device)
             allowed &= self.not_pitch | (self.pitch_of > col(highest[rows, s.instrument]))
+            allowed &= ~self.is_pitched_pitch | c.in_register(s.instrument, self.pitch_of)
         if c.existing is not None:
             allowed = self._arrange(allowed, s, c.existing)
         return allowed
@@ -289,12 +290,16 @@ class RemiGrammar:
         if steered and bool((allowed & self.is_program).any()):  # some row may start a note
             bonus = s.steering(c.targets, sampling.steer)[:, self.instrument_of]
             logits = logits + torch.where(self.is_program, bonus, 0.0)
-        if sampling.recall and bool((allowed & self.is_pitched_pitch).any()):
-            recent = (
-                s.recent_pitches(s.instrument)[:, self.pitch_of.clamp(0, 127)]
-                & self.is_pitched_pitch
-            )
+        pitched = (sampling.recall or c.pitch_prior is not None) and bool(
+            (allowed & self.is_pitched_pitch).any()
+        )
+        if pitched:  # some row draws a pitch: phrase recall, then the register
+            pitch = self.pitch_of.clamp(0, 127)
+            recent = s.recent_pitches(s.instrument)[:, pitch] & self.is_pitched_pitch
             logits = logits + sampling.recall * recent
+            if c.pitch_prior is not None:
+                prior = c.pitch_prior[s.instrument][:, pitch]
+                logits = logits + sampling.register * torch.where(self.is_pitched_pitch, prior, 0)
         # Each row's temperature is that of the field its state draws next (pitch, velocity,
         # duration, or the temperature itself); batch 1 keeps the scalar path.
         table, values = self._field_temperatures(sampling)

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..config import CPWORD_FIELDS
-from .common import DEFAULT_RECALL, DEFAULT_STEER, DEFAULT_TOP_P, GenerationError
+from .common import DEFAULT_RECALL, DEFAULT_REGISTER, DEFAULT_STEER, DEFAULT_TOP_P, GenerationError
 
 # The fields a REMI step can be given a temperature of: the only steps that draw one kind of
 # token (after a Program, a Pitch; after it, a Velocity; then a Duration).
@@ -31,6 +31,9 @@ class Sampling:
     field_temperature: dict[str, float] = field(default_factory=dict)
     steer: float = DEFAULT_STEER  # at most this many nats on an instrument's Program logit
     recall: float = DEFAULT_RECALL  # nats on the pitches a part began in its last bars (0 = off)
+    # Nats per squared standard deviation (halved) a pitch lies from its instrument's mean pitch
+    # in the training data; > 0 also keeps notes inside the register's percentiles (0 = off).
+    register: float = DEFAULT_REGISTER
 
     def check(self, tokenization: str) -> Sampling:
         if self.temperature < 0:
@@ -43,6 +46,8 @@ class Sampling:
             raise GenerationError(f"steer={self.steer}: must be in 0..20 (nats; 0 = off)")
         if not 0 <= self.recall <= 20:
             raise GenerationError(f"recall={self.recall}: must be in 0..20 (nats; 0 = off)")
+        if not 0 <= self.register <= 20:
+            raise GenerationError(f"register={self.register}: must be in 0..20 (0 = off)")
         fields = CPWORD_FIELDS if tokenization == "cpword" else REMI_FIELDS
         for name, value in self.field_temperature.items():
             if name not in fields:

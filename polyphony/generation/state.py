@@ -147,10 +147,30 @@ class Constraints:
     time_signature: int | None = None  # fixed meter: token id / meter field value
     existing: ExistingStream | None = None
     targets: torch.Tensor | None = None  # [130] notes per bar asked of each instrument
+    # Registers (plan.register_tables; None: any pitch, as grammar_violations checks and
+    # --register 0 asks): [130, 2] the lowest and highest pitch each instrument may start, and
+    # [130, 128] each pitch's log-density under the Gaussian of the instrument's pitches.
+    registers: torch.Tensor | None = None
+    pitch_prior: torch.Tensor | None = None
     # grammar_violations: any instrument's first note may break the onset order (the decoder
     # allows it to a missing instrument it forces in, under a budget the checker cannot know).
     entries_unordered: bool = False
     tables: dict[str, torch.Tensor] = field(default_factory=dict)  # built by the grammar, cached
+
+    def highest_start(self, top_pitch: int) -> torch.Tensor:
+        """``[130]``: the highest pitch each instrument may start (at most ``top_pitch``, the
+        vocabulary's): an instrument whose chord here reached it starts no more notes here."""
+        if self.registers is None:
+            return torch.full((N_TRACK_COLUMNS,), top_pitch, device=self.allowed.device)
+        return self.registers[:, 1].clamp(max=top_pitch)
+
+    def in_register(self, instruments: torch.Tensor, pitch_of: torch.Tensor) -> torch.Tensor | bool:
+        """``[B, V]``: whether each row's instrument may start each value's pitch (``pitch_of``
+        ``[V]``); True where registers are off."""
+        if self.registers is None:
+            return True
+        low, high = self.registers[instruments].unbind(-1)
+        return (pitch_of >= low[:, None]) & (pitch_of <= high[:, None])
 
 
 @dataclass
