@@ -245,7 +245,8 @@ class RemiGrammar:
             # instrument forced in at the end may break it.
             excused = (forcing & b.missing) | (c.entries_unordered & ~s.played)
             in_order = (self.columns >= col(last)) | excused
-            # and an instrument starts a note only while a pitch above its last one remains.
+            # and an instrument starts a note only while a pitch above its last one remains (in
+            # its register, when registers are on).
             in_order &= ~blocked & (highest < c.highest_start(self.top_pitch))
             allowed &= self.not_program | in_order[:, self.instrument_of]
         if "Pitch" in follows or "PitchDrum" in follows:
@@ -295,8 +296,9 @@ class RemiGrammar:
         )
         if pitched:  # some row draws a pitch: phrase recall, then the register
             pitch = self.pitch_of.clamp(0, 127)
-            recent = s.recent_pitches(s.instrument)[:, pitch] & self.is_pitched_pitch
-            logits = logits + sampling.recall * recent
+            if sampling.recall:
+                recent = s.recent_pitches(s.instrument)[:, pitch] & self.is_pitched_pitch
+                logits = logits + sampling.recall * recent
             if c.pitch_prior is not None:
                 prior = c.pitch_prior[s.instrument][:, pitch]
                 logits = logits + sampling.register * torch.where(self.is_pitched_pitch, prior, 0)
