@@ -592,7 +592,8 @@ def test_a_register_bounds_a_parts_pitches_and_centres_them_on_its_mean():
     """register_tables: the bass may start 40..45 only, its prior is 0 at its mean and -1/2 a
     standard deviation away; the drums and an instrument the statistics lack may start any."""
     stats = dataclasses.replace(FLAT, registers={33: (40, 45, 42.0, 2.0)})
-    bounds, prior = register_tables(stats, "cpu")
+    tokenizer = PolyTokenizer.build("remi")
+    bounds, prior = register_tables(stats, tokenizer, np.zeros(0, dtype=np.int64), "cpu")
     assert bounds[33].tolist() == [40, 45]
     assert bounds[DRUMS].tolist() == bounds[40].tolist() == [0, 127]
     assert prior[33, 42] == 0.0 and prior[33, 44] == pytest.approx(-0.5)
@@ -625,6 +626,37 @@ def test_parts_keep_to_their_register(checkpoints, kind):
     assert kept[33] and all(40 <= p <= 45 for p in kept[33])
     assert any(not 40 <= p <= 45 for p in alone[33])
     assert np.median(kept[0]) <= 42 < np.median(alone[0])
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_continued_part_keeps_the_register_of_its_prompt(checkpoints, kind):
+    """The piano's register narrowed to 21..60 around 40, a prompt whose piano plays around 84:
+    the continued piano goes on up there (its notes, not the training data's, set the centre),
+    where a new piece's piano stays at 60 or below."""
+    checkpoint = checkpoints[kind]
+    registers = {0: (21, 60, 40.0, 3.0)}
+    narrowed = dataclasses.replace(
+        checkpoint, densities=dataclasses.replace(checkpoint.densities, registers=registers)
+    )
+    prompt = Score(480)
+    prompt.time_signatures.append(TimeSignature(0, 4, 4))
+    piano = Track(program=0)
+    piano.notes.extend(Note(k * 480, 480, 82 + k % 5, 80) for k in range(16))
+    prompt.tracks.append(piano)
+
+    def new_piano_pitches(**request) -> list[int]:
+        plan = make_plan(narrowed.tokenizer, narrowed.densities, bars=4, **request)
+        rows = sample_tokens(narrowed, plan, Sampling(register=5.0), num_samples=2, seed=1)
+        found = []
+        for ids in rows:
+            score = to_score(narrowed.tokenizer, ids, plan)
+            new_from = 16 * score.ticks_per_quarter if "prompt" in request else 0
+            found += [n[2] for n in notes_of(score)[0] if n[0] >= new_from]
+        return found
+
+    continued = new_piano_pitches(prompt=prompt)
+    assert continued and np.median(continued) >= 78
+    assert max(new_piano_pitches(instruments="piano")) <= 60
 
 
 # ----------------------------------------------------------------------------- decoding

@@ -56,7 +56,7 @@ def sample_tokens(
     grammar = grammar_for(tokenizer, checkpoint.device)
     constraints = plan.constraints(checkpoint.device)
     if sampling.register:
-        tables = register_tables(checkpoint.densities, checkpoint.device)
+        tables = register_tables(checkpoint.densities, tokenizer, plan.given(), checkpoint.device)
         constraints.registers, constraints.pitch_prior = tables
     if plan.existing is not None:
         constraints.existing = grammar.existing_stream(plan.existing, checkpoint.device)

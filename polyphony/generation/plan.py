@@ -71,6 +71,15 @@ class Plan:
     context: np.ndarray | None = None
     infill: Infill | None = None
 
+    def given(self) -> np.ndarray:
+        """The user's tokens the plan holds: a prompt's bars, an arranged piece, or the music
+        around an infilled region (empty for a new piece)."""
+        if self.infill is not None:
+            return np.concatenate([self.infill.prefix, self.infill.suffix, self.existing])
+        if self.existing is not None:
+            return np.concatenate([self.prompt_body, self.existing])
+        return self.prompt_body
+
     def constraints(self, device) -> Constraints:
         def mask(instruments):
             table = torch.zeros(N_TRACK_COLUMNS, dtype=torch.bool, device=device)
@@ -229,17 +238,36 @@ def _header(tokenizer: PolyTokenizer, densities: dict[int, float]) -> np.ndarray
     return tokenizer.header(bins(densities))
 
 
-def register_tables(stats: DensityStats, device) -> tuple[torch.Tensor, torch.Tensor]:
+# A user's track with at least this many notes sets its own register (register_tables).
+GIVEN_NOTES = 8
+# The narrowest Gaussian a user's track sets (semitones): a part that repeated one note in the
+# prompt may still move (register_tables).
+MIN_GIVEN_SPREAD = 3.0
+
+
+def register_tables(
+    stats: DensityStats, tokenizer: PolyTokenizer, given: np.ndarray, device
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Constraints.registers and .pitch_prior from each instrument's register in the training
-    data (its family's; none for drums and statistics from before registers: any pitch, 0)."""
+    data (its family's; none for drums and statistics from before registers: any pitch, 0).
+    A track of the user's (``given``, Plan.given) with GIVEN_NOTES notes or more keeps playing
+    where it plays there, as its density is measured there: the prior is its own notes'
+    Gaussian (mean, spread at least MIN_GIVEN_SPREAD) and the bounds take in its notes (a guitar
+    solo an octave above the training data's guitars goes on up there)."""
+    pitches, tracks = tokenizer.note_pitches(given), tokenizer.track_ids(given)
     bounds = torch.tensor([[0, 127]] * N_TRACK_COLUMNS)
     prior = torch.zeros(N_TRACK_COLUMNS, 128)
     for instrument in range(128):
         register = stats.register(instrument)
-        if register is not None:
-            low, high, mean, spread = register
-            bounds[instrument] = torch.tensor([low, high])
-            prior[instrument] = -0.5 * ((torch.arange(128) - mean) / max(spread, 1.0)) ** 2
+        if register is None:
+            continue
+        low, high, mean, spread = register
+        played = pitches[(tracks == instrument) & (pitches >= 0)]
+        if len(played) >= GIVEN_NOTES:
+            low, high, mean = min(low, played.min()), max(high, played.max()), played.mean()
+            spread = max(float(played.std()), MIN_GIVEN_SPREAD)
+        bounds[instrument] = torch.tensor([int(low), int(high)])
+        prior[instrument] = -0.5 * ((torch.arange(128) - float(mean)) / max(spread, 1.0)) ** 2
     return bounds.to(device), prior.to(device)
 
 
