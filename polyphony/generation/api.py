@@ -114,7 +114,8 @@ def generate(
     play at their median in the training data; a prompt's or arranged piece's tracks as they
     play there (densities.py). ``steer`` pulls each part toward its density, ``recall`` its
     pitches toward those it began in its last bars, ``register`` toward its instrument's register
-    in the training data (and never past it; 0: anywhere) (docs/generation.md).
+    in the training data, or a user's track's own, and never past it (0: anywhere); see
+    docs/generation.md.
 
     ``bars`` counts the bars to generate (after the prompt, if any; default 16); ``max_tokens``
     caps the tokens the model chooses, ``time_limit`` the seconds of decoding; a prompt or
