@@ -18,18 +18,13 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from polyphony.generation import (
-    DEFAULT_CHECKPOINT,
-    DEFAULT_RECALL,
-    DEFAULT_REGISTER,
-    DEFAULT_STEER,
-    DEFAULT_TOP_P,
     GenerationError,
+    common,
     generate,
     output_paths,
     parse_field_temperature,
     write_midi,
 )
-from polyphony.generation.common import RECALL_BARS
 from polyphony.instruments import InstrumentError, instrument_name
 from polyphony.metrics import track_densities
 from polyphony.model import CheckpointError
@@ -79,8 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     how.add_argument(
         "--top-p",
         type=float,
-        default=DEFAULT_TOP_P,
-        help=f"nucleus sampling (default {DEFAULT_TOP_P:g}; 1.0 = off)",
+        default=common.DEFAULT_TOP_P,
+        help=f"nucleus sampling (default {common.DEFAULT_TOP_P:g}; 1.0 = off)",
     )
     how.add_argument(
         "--field-temperature",
@@ -90,23 +85,23 @@ def build_parser() -> argparse.ArgumentParser:
     how.add_argument(
         "--steer",
         type=float,
-        default=DEFAULT_STEER,
+        default=common.DEFAULT_STEER,
         help="nudge each part toward its density: at most this many nats on its instrument's "
-        f"choice, by how far it lags or leads (default {DEFAULT_STEER:g}; 0 = the model alone)",
+        f"choice, by how far it lags or leads (default {common.DEFAULT_STEER:g}; 0 = the model alone)",
     )
     how.add_argument(
         "--recall",
         type=float,
-        default=DEFAULT_RECALL,
+        default=common.DEFAULT_RECALL,
         help="make parts come back to their phrases: this many nats on the pitches a part "
-        f"began in its last {RECALL_BARS} bars (default {DEFAULT_RECALL:g}; 0 = the model alone)",
+        f"began in its last {common.RECALL_BARS} bars (default {common.DEFAULT_RECALL:g}; 0 = the model alone)",
     )
     how.add_argument(
         "--register",
         type=float,
-        default=DEFAULT_REGISTER,
+        default=common.DEFAULT_REGISTER,
         help="keep parts in their instrument's register in the training data: weight of its "
-        f"pitch Gaussian (default {DEFAULT_REGISTER:g}; 0 = any pitch, the model alone)",
+        f"pitch Gaussian (default {common.DEFAULT_REGISTER:g}; 0 = any pitch, the model alone)",
     )
     how.add_argument("--seed", type=int, help="same seed, same output (default: random, printed)")
     how.add_argument("--num-samples", type=int, default=1, help="generated as one batch")
@@ -120,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
         "-o", "--output", default="song.mid", help="MIDI file (several: song_0.mid, ...)"
     )
     run.add_argument(
-        "--checkpoint", metavar="DIR", help=f"model directory (default {DEFAULT_CHECKPOINT})"
+        "--checkpoint", metavar="DIR", help=f"model directory (default {common.DEFAULT_CHECKPOINT})"
     )
     run.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: cuda if available)")
     run.add_argument(

@@ -31,8 +31,9 @@ class Sampling:
     field_temperature: dict[str, float] = field(default_factory=dict)
     steer: float = DEFAULT_STEER  # at most this many nats on an instrument's Program logit
     recall: float = DEFAULT_RECALL  # nats on the pitches a part began in its last bars (0 = off)
-    # Nats per squared standard deviation (halved) a pitch lies from its instrument's mean pitch
-    # in the training data; > 0 also keeps notes inside the register's percentiles (0 = off).
+    # Nats per squared standard deviation (halved) a pitch lies from its part's mean pitch (the
+    # instrument's in the training data, or a user's track's own); > 0 also keeps notes inside
+    # the register's bounds (0 = off; plan.register_tables).
     register: float = DEFAULT_REGISTER
 
     def check(self, tokenization: str) -> Sampling:

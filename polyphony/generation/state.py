@@ -159,10 +159,16 @@ class Constraints:
 
     def highest_start(self, top_pitch: int) -> torch.Tensor:
         """``[130]``: the highest pitch each instrument may start (at most ``top_pitch``, the
-        vocabulary's): an instrument whose chord here reached it starts no more notes here."""
-        if self.registers is None:
-            return torch.full((N_TRACK_COLUMNS,), top_pitch, device=self.allowed.device)
-        return self.registers[:, 1].clamp(max=top_pitch)
+        vocabulary's): an instrument whose chord here reached it starts no more notes here.
+        Built once per decode (asked every step)."""
+        highest = self.tables.get("highest_start")
+        if highest is None:
+            if self.registers is None:
+                highest = torch.full((N_TRACK_COLUMNS,), top_pitch, device=self.allowed.device)
+            else:
+                highest = self.registers[:, 1].clamp(max=top_pitch)
+            self.tables["highest_start"] = highest
+        return highest
 
     def in_register(self, instruments: torch.Tensor, pitch_of: torch.Tensor) -> torch.Tensor | bool:
         """``[B, V]``: whether each row's instrument may start each value's pitch (``pitch_of``
