@@ -8,7 +8,7 @@ On MIDI files of the style that neither model trained on (``--held-out``), for e
 * NLL per note of the token stream, teacher-forced over every window of those files;
 * 16-bar excerpts (every 8 bars, up to ``--per-piece`` per file), each generated with its own
   instrument set at the model's default densities: per-family median notes per bar, PCE, SC
-  and GC against the real excerpts (polyphony/parts.py), and the gap of each to real.
+  and GC against the real excerpts (polyphony/parts/), and the gap of each to real.
 
 Prints a table and writes ``OUT/style.json`` (the numbers in docs/training.md#fine-tuning).
 """

@@ -10,7 +10,7 @@ with a fixed seed (``polyphony.evaluate.random_request``: 1 to 4 common instrume
 about half); ``--requests validation`` asks for the validation pieces' own instrument sets. With
 ``--nll`` it also scores the checkpoint on the validation split (``OUT/nll.json``).
 
-``--parts`` runs the full-parts checks instead (polyphony/parts.py), on 16-bar excerpts of the
+``--parts`` runs the full-parts checks instead (polyphony/parts/), on 16-bar excerpts of the
 held-out band pieces: generated vs real notes per bar per part and family, thin parts, how each
 part repeats its phrases (recurrence 4 bars back, distinct pitches), PCE/SC/GC
 and instrument fidelity; density controls; continuation; arrangement (``OUT/parts.json``):

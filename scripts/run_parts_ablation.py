@@ -12,7 +12,7 @@ and seed, one change at a time:
 * ``canonical_densities``: canonical order and per-track density bins (the shipped recipe).
 
 Each is scored on the band validation split (stream NLL per note, next-instrument NLL), then
-generates the held-out band excerpts' own instrument sets (16 bars; polyphony/parts.py) at its
+generates the held-out band excerpts' own instrument sets (16 bars; polyphony/parts/) at its
 default densities (bin 0 for the variants without them). Prints a markdown table and writes
 ``OUT/parts_ablation.json``. A variant whose run finished is not trained again.
 """

@@ -1,4 +1,4 @@
-"""The full-parts evaluation's measurements (polyphony/parts.py) on scores built by hand."""
+"""The full-parts evaluation's measurements (polyphony/parts/) on scores built by hand."""
 
 from __future__ import annotations
 
@@ -9,7 +9,14 @@ from polyphony import generation
 from polyphony.generation import load_checkpoint
 from polyphony.instruments import DRUMS
 from polyphony.metrics import write_request
-from polyphony.parts import excerpt, part_figures, report_family, requests_from_excerpts
+from polyphony.parts import (
+    excerpt,
+    gap_intervals,
+    part_figures,
+    report_family,
+    requests_from_excerpts,
+)
+from polyphony.parts.figures import register_kept, register_summary
 
 TPQ = 480
 BAR = 4 * TPQ
@@ -58,6 +65,48 @@ def test_part_figures_count_thin_parts_and_family_medians():
     }
     assert figures["real"]["median_per_family"] == {"bass": 2.0, "drums": 8.0, "piano/keys": 4.0}
     assert figures["precision"] == figures["recall"] == 1.0
+
+
+def test_a_family_gap_interval_spans_what_the_choice_of_pieces_makes_of_it():
+    # Piece "a": three synths playing half of what they really play; "b": one synth playing
+    # exactly; "c": one synth playing double. The bass plays 1.5x its part in every piece.
+    real = [(81, 8.0)] * 3 + [(81, 4.0), (81, 2.0)] + [(33, 4.0)] * 3
+    generated = [(81, 4.0)] * 3 + [(81, 4.0), (81, 4.0)] + [(33, 6.0)] * 3
+    pieces = ["a", "a", "a", "b", "c", "a", "b", "c"]
+    intervals = gap_intervals(generated, real, pieces, draws=400)
+    assert intervals["bass"] == (0.5, 0.5)  # the same gap whichever pieces are drawn
+    low, high = intervals["synth"]
+    point = 4.0 / 8.0 - 1  # the median over the five synths: generated 4, real 8
+    assert low <= point <= high
+    # -0.5 whenever "a" is drawn (19 draws in 27); +1.0 when "c" is drawn twice or more (4 in 27).
+    assert low == pytest.approx(-0.5) and high == pytest.approx(1.0)
+    assert gap_intervals(generated, real, pieces, draws=400) == intervals  # seeded
+
+
+def test_requests_report_each_family_gap_with_its_interval_over_pieces():
+    real = piece({0: [4], 33: [2]})
+    generated = piece({0: [6], 33: [2]})
+    write_request(generated, [0, 33])
+    pairs = [(generated, real), (generated.copy(), real.copy())]
+    figures = part_figures(pairs, n_bars=8, pieces=["x", "y"])
+    assert figures["gap_interval_per_family"] == {"bass": (0.0, 0.0), "piano/keys": (0.5, 0.5)}
+    assert "gap_interval_per_family" not in part_figures(pairs, n_bars=8)
+
+
+def test_a_continued_track_is_measured_against_the_register_of_its_prompt():
+    prompt = piece({0: [4], 33: [1], DRUMS: [8]}, bars=4)  # piano 48..54, bass: 4 notes only
+    new = piece({0: [4], 33: [2], DRUMS: [8]}, bars=4)
+    for note in list(new.tracks[0].notes)[:4]:  # the first bar's 48..54 an octave up: 60..66
+        note.pitch += 12
+    kept = register_kept(prompt, new)
+    # The bass has too few prompt notes to judge; the drums have no register.
+    assert len(kept) == 1
+    move, outside, notes = kept[0]
+    assert (outside, notes) == (4, 16)  # above the prompt's 48..54 + 2
+    assert move == 1.0  # the median: 51 in the prompt, 52 with the four raised
+    summary = register_summary(kept + [(7.0, 0, 4)])
+    assert summary["tracks"] == 2 and summary["moved_fraction"] == 0.5
+    assert summary["median_move"] == 4.0 and summary["outside_prompt_range"] == 4 / 20
 
 
 def test_a_requested_part_that_stays_silent_counts_as_zero():
