@@ -3,6 +3,7 @@
 
     python benchmarks/generate.py                        # configs/small.yaml, 256 new tokens
     python benchmarks/generate.py --new-tokens 64 --rounds 1   # quicker
+    python benchmarks/generate.py --device cuda                # on a GPU (both models)
 
 Both models are randomly initialised with the config's layers, width and heads and the REMI
 vocabulary (632 tokens), float32, dropout 0, the same thread count. Each generation samples
@@ -64,7 +65,7 @@ DENSITIES = DensityStats.measure({0: [8.0], 33: [5.0], DRUMS: [14.0]})
 LONG_PIECE = {"instruments": "piano, bass, drums, strings", "bars": 64}
 
 
-def build_ours(config_path: str, kind: str) -> Checkpoint:
+def build_ours(config_path: str, kind: str, device: str = "cpu") -> Checkpoint:
     config = load_config(config_path).model
     tokenizer = PolyTokenizer.build(kind)
     config.tokenization, config.dropout = kind, 0.0
@@ -76,10 +77,11 @@ def build_ours(config_path: str, kind: str) -> Checkpoint:
     if kind == "cpword":
         config.heads = {name: 1.0 for name in CPWORD_FIELDS}
     torch.manual_seed(0)
-    return Checkpoint(model=PolyphonyGPT(config).eval(), tokenizer=tokenizer, densities=DENSITIES)
+    model = PolyphonyGPT(config).eval().to(device)
+    return Checkpoint(model=model, tokenizer=tokenizer, densities=DENSITIES)
 
 
-def build_hf(config_path: str, tokenizer: PolyTokenizer):
+def build_hf(config_path: str, tokenizer: PolyTokenizer, device: str = "cpu"):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     config = load_config(config_path).model
@@ -90,7 +92,7 @@ def build_hf(config_path: str, tokenizer: PolyTokenizer):
         pad_token_id=tokenizer.pad_id,
     )  # fmt: skip
     torch.manual_seed(0)
-    return GPT2LMHeadModel(hf_config).eval()
+    return GPT2LMHeadModel(hf_config).eval().to(device)
 
 
 def run_ours(
@@ -115,7 +117,8 @@ def run_ours(
 
 def run_hf(model, tokenizer: PolyTokenizer, batch: int, new_tokens: int, seed: int):
     prompt = make_plan(tokenizer, DENSITIES, instruments=INSTRUMENTS).header  # the same header
-    header = torch.as_tensor(prompt)[None].expand(batch, -1)
+    device = model.device
+    header = torch.as_tensor(prompt, device=device)[None].expand(batch, -1)
     torch.manual_seed(seed)
     start = time.perf_counter()
     with torch.inference_mode():
@@ -123,9 +126,11 @@ def run_hf(model, tokenizer: PolyTokenizer, batch: int, new_tokens: int, seed: i
             header, attention_mask=torch.ones_like(header), do_sample=True, top_k=0,
             min_new_tokens=new_tokens, max_new_tokens=new_tokens, use_cache=True,
         )  # fmt: skip
+    if device.type == "cuda":  # generate() returns before the GPU is done
+        torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
     notes = 0
-    for row in output.numpy():
+    for row in output.cpu().numpy():
         try:
             notes += note_count(tokenizer.decode(row))
         except DecodeError:
@@ -190,7 +195,7 @@ def in_child(config: str, new_tokens: int, threads: int | None, child: str) -> d
     return json.loads(result.stdout.splitlines()[-1])
 
 
-def machine(load_before: tuple[float, ...]) -> dict:
+def machine(load_before: tuple[float, ...], device: str) -> dict:
     cpu = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -203,6 +208,7 @@ def machine(load_before: tuple[float, ...]) -> dict:
 
     return {
         "cpu": cpu,
+        "device": torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu",
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
@@ -221,6 +227,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     parser.add_argument("--json", help="also write the JSON here")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]: where both models run")
     parser.add_argument("--child", choices=["rss", "long"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.threads:
@@ -234,10 +241,11 @@ def main() -> None:
         return
 
     load_before = os.getloadavg()  # 1, 5 and 15 minutes: was the machine idle?
-    remi, cpword = build_ours(args.config, "remi"), build_ours(args.config, "cpword")
-    compiled = build_ours(args.config, "remi")  # same weights (same seed), blocks compiled
+    remi = build_ours(args.config, "remi", args.device)
+    cpword = build_ours(args.config, "cpword", args.device)
+    compiled = build_ours(args.config, "remi", args.device)  # same weights (same seed)
     compile_decoder(compiled.model)
-    hf = build_hf(args.config, remi.tokenizer)
+    hf = build_hf(args.config, remi.tokenizer, args.device)
     n = args.new_tokens
     rows, ratios = [], {}
     for batch in args.batches:
@@ -267,7 +275,7 @@ def main() -> None:
         "ratio_tokens_per_s_polyphony_over_hf": ratios,
         "peak_rss_mb_cpu_generation": in_child(args.config, n, args.threads, "rss")["peak_rss_mb"],
         "long_piece": in_child(args.config, n, args.threads, "long"),
-        "machine": machine(load_before),
+        "machine": machine(load_before, args.device),
     }
     print("| implementation | batch | new tokens | seconds | tokens/s | notes/s | warm-up s |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
@@ -283,11 +291,12 @@ def main() -> None:
             f"(eager), {ratio['compiled']:.2f}x (--compile)"
         )
     if {1, 8} <= set(args.batches):
-        one, eight = (
-            next(r["tokens_per_s"] for r in rows if r["batch"] == b and r["implementation"] == name)
-            for b, name in ((1, "polyphony (REMI)"), (8, "polyphony (REMI)"))
-        )
-        print(f"polyphony (REMI) batch 8 / batch 1 tokens/s: {eight / one:.2f}x")
+        for name in ("polyphony (REMI)", "polyphony (REMI, --compile)"):
+            one, eight = (
+                next(r["tokens_per_s"] for r in rows if r["batch"] == b and r["implementation"] == name)
+                for b in (1, 8)
+            )  # fmt: skip
+            print(f"{name} batch 8 / batch 1 tokens/s: {eight / one:.2f}x")
     print(f"peak RSS of a CPU generation: {report['peak_rss_mb_cpu_generation']} MiB")
     long = report["long_piece"]
     print(

@@ -11,9 +11,11 @@ about half); ``--requests validation`` asks for the validation pieces' own instr
 ``--nll`` it also scores the checkpoint on the validation split (``OUT/nll.json``).
 
 ``--parts`` runs the full-parts checks instead (polyphony/parts/), on 16-bar excerpts of the
-held-out band pieces: generated vs real notes per bar per part and family, thin parts, how each
-part repeats its phrases (recurrence 4 bars back, distinct pitches), PCE/SC/GC
-and instrument fidelity; density controls; continuation; arrangement (``OUT/parts.json``):
+held-out band pieces: generated vs real notes per bar per part and family (each family's gap
+with its 5th-95th percentile over the held-out pieces drawn again with replacement), thin parts,
+how each part repeats its phrases (recurrence 4 bars back, distinct pitches) and where it sits,
+PCE/SC/GC and instrument fidelity; density controls; continuation (parts kept alive, and in
+their register); arrangement (``OUT/parts.json``):
 
     python scripts/evaluate_model.py --checkpoint checkpoints/polyphony-mini \
         --dataset data/dev --corpus corpus --parts --out runs/parts-mini
