@@ -86,8 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--steer",
         type=float,
         default=common.DEFAULT_STEER,
-        help="nudge each part toward its density: at most this many nats on its instrument's "
-        f"choice, by how far it lags or leads (default {common.DEFAULT_STEER:g}; 0 = the model alone)",
+        help="pull each part toward its density: this many nats on its instrument's choice per "
+        f"(2 + its notes per bar) notes it lags (default {common.DEFAULT_STEER:g}; 0 = the model alone)",
     )
     how.add_argument(
         "--recall",

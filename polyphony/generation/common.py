@@ -10,7 +10,8 @@ from ..instruments import GLOBAL_TRACK
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[2] / "checkpoints" / "polyphony-mini"
 DEFAULT_BARS = 16
 # Density steering (Sampling.steer), chosen on 135 held-out band requests (docs/generation.md):
-# 4.5 brings thin parts to real + 1.2 points (3: +5.7) with every family it meets within 35 %.
+# 4.5 brought thin parts to real + 1.2 points (3: +5.7) with every family it met within 35 %,
+# when the pull was capped at it; uncapped (2026-12-04) no requested part stays thin.
 DEFAULT_STEER = 4.5
 # A part that has played more than the bars it has begun ask for is held back twice as fast as
 # a lagging part is pulled forward (RowState.steering): otherwise it front-loads the piece and

@@ -29,7 +29,8 @@ class Sampling:
     top_k: int = 0
     top_p: float = DEFAULT_TOP_P
     field_temperature: dict[str, float] = field(default_factory=dict)
-    steer: float = DEFAULT_STEER  # at most this many nats on an instrument's Program logit
+    # Nats on an instrument's Program logit per (2 + its target) notes it lags (RowState.steering)
+    steer: float = DEFAULT_STEER
     recall: float = DEFAULT_RECALL  # nats on the pitches a part began in its last bars (0 = off)
     # Nats per squared standard deviation (halved) a pitch lies from its part's mean pitch (the
     # instrument's in the training data, or a user's track's own); > 0 also keeps notes inside

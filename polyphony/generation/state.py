@@ -77,19 +77,21 @@ class RowState:
         self.notes[rows, instruments] += started
 
     def steering(self, targets: torch.Tensor, strength: float) -> torch.Tensor:
-        """``[B, 130]`` logit bonus per instrument: ``strength`` x tanh of how far its notes lag
-        behind its target notes per bar over the bars written, less ``strength`` x how far (linear,
-        unbounded) they run past the target of every bar begun."""
+        """``[B, 130]`` logit bonus per instrument: ``strength`` x how far its notes lag behind its
+        target notes per bar over the bars written, less ``strength`` x how far they run past the
+        target of every bar begun; both in units of ``2 + target`` notes, neither capped."""
         done = (self.bars - self.first_bar - 1).clamp(min=0)  # whole bars written
         bars = done + (self.position + 1).clamp(min=0) / self.positions_per_bar.clamp(min=1)
         target, scale = targets[None, :], 2.0 + targets[None, :]
         lag = target * bars[:, None] - self.notes
         # Within a bar a part places its notes where the music puts them (a chord, a downbeat):
         # it runs ahead only past the whole bar's worth. Notes played early are not taken back,
-        # so past it a part is held back faster than a lagging one is pulled (AHEAD_SCALE), and
-        # without a cap: a model sure of a dense chord pattern outweighed a capped hold-back.
+        # so past it a part is held back faster than a lagging one is pulled (AHEAD_SCALE). No
+        # cap either way: a model sure of a dense chord pattern outweighed a capped hold-back, and
+        # one sure a sound effect or a second synth should rest left them silent under a capped
+        # pull (a bar behind, the pull is about `strength`; it grows as the part falls behind).
         over = (self.notes - target * (done + 1)[:, None]).clamp(min=0)
-        pull = torch.tanh(lag.clamp(min=0) / scale) - over / (AHEAD_SCALE * scale)
+        pull = lag.clamp(min=0) / scale - over / (AHEAD_SCALE * scale)
         return strength * pull
 
     def mark_onset(self, moved: torch.Tensor, instruments, pitches, started) -> None:
