@@ -104,6 +104,15 @@ def test_a_continued_track_is_measured_against_the_register_of_its_prompt():
     move, outside, notes = kept[0]
     assert (outside, notes) == (4, 16)  # above the prompt's 48..54 + 2
     assert move == 1.0  # the median: 51 in the prompt, 52 with the four raised
+    # Two tracks of one program are one part to the model, and to the measurement.
+    split = prompt.copy()
+    piano = split.tracks[0]
+    second = Track(program=0)
+    for note in list(piano.notes)[1::2]:
+        second.notes.append(Note(note.time, note.duration, note.pitch, note.velocity))
+    piano.notes = [n for k, n in enumerate(piano.notes) if k % 2 == 0]
+    split.tracks.append(second)
+    assert register_kept(split, new) == kept
     summary = register_summary(kept + [(7.0, 0, 4)])
     assert summary["tracks"] == 2 and summary["moved_fraction"] == 0.5
     assert summary["median_move"] == 4.0 and summary["outside_prompt_range"] == 4 / 20

@@ -1,4 +1,4 @@
-"""The full-parts checks, each a function that generates and measures (the package doc)."""
+"""The full-parts checks, each a function that generates and measures (see ``polyphony.parts``)."""
 
 from __future__ import annotations
 

@@ -181,17 +181,16 @@ def gap_intervals(
     ``draws`` resamplings of the pieces: how far the gap moves with the choice of held-out
     music. One row per part in the three lists (the same order)."""
     rng = np.random.default_rng(seed)
-    names = sorted(set(pieces))
-    of_piece = np.array([names.index(p) for p in pieces])
+    names, of_piece = np.unique(pieces, return_inverse=True)
     family = np.array([report_family(i) for i, _ in real], dtype=object)
     mine, theirs = np.array([v for _, v in generated]), np.array([v for _, v in real])
-    gaps: dict[str, list[float]] = {f: [] for f in sorted(set(family))}
+    members = {f: family == f for f in sorted(set(family))}
+    gaps: dict[str, list[float]] = {f: [] for f in members}
     for _ in range(draws):
         # Each part counts as often as its piece was drawn.
-        times = np.bincount(rng.integers(len(names), size=len(names)), minlength=len(names))
-        repeat = times[of_piece]
-        for f in gaps:
-            keep = family == f
+        repeat = np.bincount(rng.integers(len(names), size=len(names)), minlength=len(names))
+        repeat = repeat[of_piece]
+        for f, keep in members.items():
             a, b = np.repeat(mine[keep], repeat[keep]), np.repeat(theirs[keep], repeat[keep])
             if len(b) and np.median(b) > 0:
                 gaps[f].append(float(np.median(a) / np.median(b) - 1))
@@ -240,14 +239,17 @@ REGISTER_MARGIN = 2  # semitones around the prompt's range that still count as i
 
 
 def register_kept(prompt: Score, new: Score) -> list[tuple[float, int, int]]:
-    """Per pitched track of ``prompt`` with enough notes on both sides: how far its median pitch
-    moves in ``new`` (semitones), its new notes outside the prompt's range (± REGISTER_MARGIN)
-    and all its new notes."""
+    """Per pitched instrument of ``prompt`` with enough notes on both sides: how far its median
+    pitch moves in ``new`` (semitones), its new notes outside the prompt's range (±
+    REGISTER_MARGIN) and all its new notes. Tracks of one program count as one instrument, as
+    the model reads them (two guitars of a file are one guitar part to it)."""
 
     def pitches(score: Score) -> dict[int, np.ndarray]:
-        return {
-            t.program: t.notes.numpy()["pitch"] for t in score.tracks if not t.is_drum
-        }  # fmt: skip
+        found: dict[int, list[np.ndarray]] = {}
+        for t in score.tracks:
+            if not t.is_drum:
+                found.setdefault(t.program, []).append(t.notes.numpy()["pitch"])
+        return {program: np.concatenate(parts) for program, parts in found.items()}
 
     found, then = [], pitches(new)
     for program, before in pitches(prompt).items():
