@@ -63,6 +63,7 @@ INSTRUMENTS = "piano, bass, drums"
 DENSITIES = DensityStats.measure({0: [8.0], 33: [5.0], DRUMS: [14.0]})
 # The long request: 64 bars of four instruments with the shipped model.
 LONG_PIECE = {"instruments": "piano, bass, drums, strings", "bars": 64}
+COMPILED = "polyphony (REMI, --compile)"
 
 
 def build_ours(config_path: str, kind: str, device: str = "cpu") -> Checkpoint:
@@ -228,6 +229,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     parser.add_argument("--json", help="also write the JSON here")
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]: where both models run")
+    parser.add_argument(
+        "--no-compile", action="store_true", help="leave out the --compile rows (no torch.compile)"
+    )
     parser.add_argument("--child", choices=["rss", "long"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.threads:
@@ -243,8 +247,10 @@ def main() -> None:
     load_before = os.getloadavg()  # 1, 5 and 15 minutes: was the machine idle?
     remi = build_ours(args.config, "remi", args.device)
     cpword = build_ours(args.config, "cpword", args.device)
-    compiled = build_ours(args.config, "remi", args.device)  # same weights (same seed)
-    compile_decoder(compiled.model)
+    compiled = None
+    if not args.no_compile:
+        compiled = build_ours(args.config, "remi", args.device)  # same weights (same seed)
+        compile_decoder(compiled.model)
     hf = build_hf(args.config, remi.tokenizer, args.device)
     n = args.new_tokens
     rows, ratios = [], {}
@@ -252,16 +258,19 @@ def main() -> None:
         runs = {
             "polyphony (REMI)": lambda seed, b=batch: run_ours(remi, b, n, seed),
             "HF GPT-2 generate": lambda seed, b=batch: run_hf(hf, remi.tokenizer, b, n, seed),
-            "polyphony (REMI, --compile)": lambda seed, b=batch: run_ours(compiled, b, n, seed),
+            COMPILED: lambda seed, b=batch: run_ours(compiled, b, n, seed),
             "polyphony (CPWord)": lambda seed, b=batch: run_ours(cpword, b, n, seed),
         }
+        if compiled is None:
+            del runs["polyphony (REMI, --compile)"]
         results = measure(runs, args.rounds)
         for name, result in results.items():
             rows.append({"implementation": name, "batch": batch, **result})
         theirs = results["HF GPT-2 generate"]["tokens_per_s"]
         ratios[f"batch_{batch}"] = {
-            "eager": round(results["polyphony (REMI)"]["tokens_per_s"] / theirs, 2),
-            "compiled": round(results["polyphony (REMI, --compile)"]["tokens_per_s"] / theirs, 2),
+            kind: round(results[name]["tokens_per_s"] / theirs, 2)
+            for kind, name in (("eager", "polyphony (REMI)"), ("compiled", COMPILED))
+            if name in results
         }
 
     report = {
@@ -287,11 +296,11 @@ def main() -> None:
         )
     for batch, ratio in ratios.items():
         print(
-            f"polyphony / HF tokens/s at {batch.replace('_', ' ')}: {ratio['eager']:.2f}x "
-            f"(eager), {ratio['compiled']:.2f}x (--compile)"
+            f"polyphony / HF tokens/s at {batch.replace('_', ' ')}: "
+            + ", ".join(f"{value:.2f}x ({kind})" for kind, value in ratio.items())
         )
     if {1, 8} <= set(args.batches):
-        for name in ("polyphony (REMI)", "polyphony (REMI, --compile)"):
+        for name in ("polyphony (REMI)", COMPILED)[: 1 if compiled is None else 2]:
             one, eight = (
                 next(r["tokens_per_s"] for r in rows if r["batch"] == b and r["implementation"] == name)
                 for b in (1, 8)
