@@ -12,7 +12,8 @@ about half); ``--requests validation`` asks for the validation pieces' own instr
 
 ``--parts`` runs the full-parts checks instead (polyphony/parts/), on 16-bar excerpts of the
 held-out band pieces: generated vs real notes per bar per part and family (each family's gap
-with its 5th-95th percentile over the held-out pieces drawn again with replacement), thin parts,
+with its 5th-95th percentile over the held-out pieces drawn again with replacement, and the
+training pieces' own excerpts against the same real ones), thin parts,
 how each part repeats its phrases (recurrence 4 bars back, distinct pitches) and where it sits,
 PCE/SC/GC and instrument fidelity; density controls; continuation (parts kept alive, and in
 their register); arrangement (``OUT/parts.json``):
@@ -121,6 +122,11 @@ def run_parts(args: argparse.Namespace) -> None:
         report["requests"] = parts.requests_from_excerpts(
             checkpoint, excerpts, 16, args.seed, args.asked, **sampling
         )
+        # The training pieces cut the same way: what reproducing them would score.
+        trained = parts.band_excerpts(
+            args.dataset, args.corpus, 16, args.per_piece, stride=8, splits=("train",)
+        )
+        report["requests"]["training"] = {"median_per_family": parts.family_medians(trained, 16)}
     if not args.requests_only:
         firsts = parts.band_excerpts(args.dataset, args.corpus, 16, 1, stride=8)
         report["control"] = parts.control(checkpoint, 8, args.samples, args.seed)

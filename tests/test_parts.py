@@ -11,6 +11,8 @@ from polyphony.instruments import DRUMS
 from polyphony.metrics import write_request
 from polyphony.parts import (
     excerpt,
+    family_medians,
+    format_report,
     gap_intervals,
     part_figures,
     report_family,
@@ -65,6 +67,32 @@ def test_part_figures_count_thin_parts_and_family_medians():
     }
     assert figures["real"]["median_per_family"] == {"bass": 2.0, "drums": 8.0, "piano/keys": 4.0}
     assert figures["precision"] == figures["recall"] == 1.0
+
+
+def test_family_medians_count_every_part_of_real_excerpts_per_bar():
+    excerpts = [
+        ("a.mid@0", piece({0: [4], 33: [2]})),
+        ("b.mid@0", piece({0: [8], 33: [6], DRUMS: [8]})),
+        ("c.mid@8", piece({33: [1, 0]})),  # half a note a bar
+    ]
+    assert family_medians(excerpts, n_bars=8) == {"bass": 2.0, "drums": 8.0, "piano/keys": 6.0}
+
+
+def test_the_report_sets_each_family_gap_beside_the_training_pieces_own():
+    """The training pieces' excerpts against the same real ones: bass 3 against 2 is +50 %."""
+    real, generated = piece({0: [4], 33: [2]}), piece({0: [6], 33: [3]})
+    write_request(generated, [0, 33])
+    requests = part_figures([(generated, real)], n_bars=8)
+    trained = [("t.mid@0", piece({0: [5], 33: [3]}))]
+    requests["training"] = {"median_per_family": family_medians(trained, 8)}
+    continuation = {"pieces": 1, "prompt_tracks": 2, "median_ratio": 1.0, "silent_fraction": 0.0}
+    report = {
+        "excerpts": 1, "requests": requests, "control": {}, "continuation": continuation,
+        "arrangement": {},
+    }  # fmt: skip
+    rows = {line.split(" (")[0]: line.split() for line in format_report(report).splitlines()}
+    assert rows["bass"][-2:] == ["3.00", "+50%"]
+    assert rows["piano/keys"][-2:] == ["5.00", "+25%"]
 
 
 def test_a_family_gap_interval_spans_what_the_choice_of_pieces_makes_of_it():

@@ -17,11 +17,13 @@ text report in ``report``.
 
 from .checks import ASKED, arrangement, continuation, control, requests_from_excerpts
 from .figures import (
+    HELD_OUT,
     MUSIC_METRICS,
     REPORT_FAMILIES,
     THIN,
     band_excerpts,
     excerpt,
+    family_medians,
     gap_intervals,
     instruments_of,
     part_figures,
@@ -31,6 +33,7 @@ from .report import format_report
 
 __all__ = [
     "ASKED",
+    "HELD_OUT",
     "MUSIC_METRICS",
     "REPORT_FAMILIES",
     "THIN",
@@ -39,6 +42,7 @@ __all__ = [
     "continuation",
     "control",
     "excerpt",
+    "family_medians",
     "format_report",
     "gap_intervals",
     "instruments_of",

@@ -73,14 +73,23 @@ def excerpt(score: Score, first_bar: int, n_bars: int) -> Score | None:
     return cut if cut.tracks else None
 
 
+HELD_OUT = ("validation", "test")
+
+
 def band_excerpts(
-    dataset_dir, midi_root, n_bars: int, per_piece: int, stride: int, source: str | None = "band"
+    dataset_dir,
+    midi_root,
+    n_bars: int,
+    per_piece: int,
+    stride: int,
+    source: str | None = "band",
+    splits: tuple[str, ...] = HELD_OUT,
 ) -> list[tuple[str, Score]]:
-    """Up to ``per_piece`` excerpts of every held-out piece of ``source`` (validation and test
-    splits; ``source=None``: every piece), starting every ``stride`` bars. ``midi_root`` is the
+    """Up to ``per_piece`` excerpts of every piece of ``source`` in ``splits`` (held-out by
+    default; ``source=None``: every piece), starting every ``stride`` bars. ``midi_root`` is the
     folder the dataset was prepared from."""
     found = []
-    for split in ("validation", "test"):
+    for split in splits:
         for piece in split_pieces(dataset_dir, split):
             if source is not None and piece.get("source") != source:
                 continue
@@ -100,6 +109,18 @@ def instruments_of(score: Score) -> list[int]:
 def median_of(values) -> float | None:
     values = list(values)
     return statistics.median(values) if values else None
+
+
+def family_medians(excerpts: list[tuple[str, Score]], n_bars: int) -> dict[str, float]:
+    """Each family's median notes per bar over the parts of real excerpts, counted as
+    :func:`part_figures` counts the real side. Over the training pieces' excerpts it is what a
+    model that reproduced its training music would score: the part of a family gap that is the
+    held-out pieces, not the model."""
+    by_family: dict[str, list[float]] = {}
+    for _, score in excerpts:
+        for instrument, (notes, _) in track_densities(score).items():
+            by_family.setdefault(report_family(instrument), []).append(notes / n_bars)
+    return {family: median_of(values) for family, values in sorted(by_family.items())}
 
 
 def part_figures(

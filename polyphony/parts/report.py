@@ -29,7 +29,8 @@ def format_report(report: dict[str, Any]) -> str:
     lines = [
         f"{report['excerpts']} requests (16-bar excerpts of held-out band pieces), "
         f"{real['parts']} parts",
-        f"{'':24}{'generated':>11}{'real':>9}{'gap':>9}{'asked':>9}{'gap, 90 % of pieces':>22}",
+        f"{'':24}{'generated':>11}{'real':>9}{'gap':>9}{'asked':>9}{'gap, 90 % of pieces':>22}"
+        f"{'training':>10}{'gap':>7}",
         f"{'thin parts (<0.5/bar)':24}{generated['thin_fraction']:>11.1%}"
         f"{real['thin_fraction']:>9.1%}"
         f"{100 * (generated['thin_fraction'] - real['thin_fraction']):>+8.1f}p",
@@ -41,9 +42,13 @@ def format_report(report: dict[str, Any]) -> str:
         target = requests.get("asked", {}).get("median_per_family", {}).get(family)
         low, high = requests.get("gap_interval_per_family", {}).get(family, (None, None))
         interval = "-" if low is None else f"{100 * low:+.0f} .. {100 * high:+.0f} %"
+        # The training pieces' own excerpts against the same real ones (family_medians).
+        trained = requests.get("training", {}).get("median_per_family", {}).get(family)
+        trained_gap = None if not value or trained is None else 100 * (trained / value - 1)
         lines.append(
             f"{family + f' ({parts_count}) /bar':24}{_number(mine):>11}{_number(value):>9}"
             f"{_number(gap, '+.0f'):>8}%{_number(target):>9}{interval:>22}"
+            f"{_number(trained):>10}{_number(trained_gap, '+.0f'):>6}%"
         )
     for name in MUSIC_METRICS:
         mine, value = generated[name], real[name]
