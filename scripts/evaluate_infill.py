@@ -161,6 +161,7 @@ def main() -> None:
     parser.add_argument("--steer", type=float, default=DEFAULT_STEER)
     parser.add_argument("--recall", type=float, default=DEFAULT_RECALL)
     parser.add_argument("--register", type=float, default=DEFAULT_REGISTER)
+    parser.add_argument("--loop", type=float, default=0.0)
     parser.add_argument(
         "--field-temperature", metavar="F=T,...", default="", help="default: generate's"
     )
@@ -172,6 +173,7 @@ def main() -> None:
         steer=args.steer,
         recall=args.recall,
         register=args.register,
+        loop=args.loop,
         field_temperature=parse_field_temperature(args.field_temperature),
     )
     checkpoint = load_checkpoint(args.checkpoint, "cpu")

@@ -54,6 +54,7 @@ def main() -> None:
     parser.add_argument("--steer", type=float, default=DEFAULT_STEER, help="--parts requests")
     parser.add_argument("--recall", type=float, default=DEFAULT_RECALL, help="--parts requests")
     parser.add_argument("--register", type=float, default=DEFAULT_REGISTER, help="--parts requests")
+    parser.add_argument("--loop", type=float, default=0.0, help="--parts requests")
     parser.add_argument(
         "--field-temperature", metavar="F=T,...", help="--parts requests (default: generate's)"
     )
@@ -114,6 +115,7 @@ def run_parts(args: argparse.Namespace) -> None:
         "steer": args.steer,
         "recall": args.recall,
         "register": args.register,
+        "loop": args.loop,
     }
     if args.field_temperature is not None:
         sampling["field_temperature"] = parse_field_temperature(args.field_temperature)

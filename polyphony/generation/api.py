@@ -88,6 +88,7 @@ def generate(
     steer: float = DEFAULT_STEER,
     recall: float = DEFAULT_RECALL,
     register: float = DEFAULT_REGISTER,
+    loop: float = 0.0,
     num_samples: int = 1,
     max_tokens: int | None = None,
     seed: int | None = None,
@@ -113,8 +114,9 @@ def generate(
     or sparse/medium/dense = the instrument's quartiles in the training data). Unnamed parts
     play at their median in the training data; a prompt's or arranged piece's tracks as they
     play there (densities.py). ``steer`` pulls each part toward its density, ``recall`` its
-    pitches toward those it began in its last bars, ``register`` toward its instrument's register
-    in the training data, or a user's track's own, and never past it (0: anywhere); see
+    pitches toward those it began in its last bars, ``loop`` toward those it began at the same
+    position of one of them (riffs; 0: off), ``register`` toward its instrument's register in the
+    training data, or a user's track's own, and never past it (0: anywhere); see
     docs/generation.md.
 
     ``bars`` counts the bars to generate (after the prompt, if any; default 16); ``max_tokens``
@@ -141,7 +143,7 @@ def generate(
         checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint, device)
     )
     sampling = Sampling(
-        temperature, top_k, top_p, dict(field_temperature or {}), steer, recall, register
+        temperature, top_k, top_p, dict(field_temperature or {}), steer, recall, register, loop
     )
     sampling.check(loaded.tokenizer.kind)  # before the seed is logged: a bad value is one line
     if infill is not None:

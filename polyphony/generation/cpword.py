@@ -67,6 +67,7 @@ class CPWordGrammar:
             [int(n.split("_")[1]) if n.startswith("Pitch") else 0 for n in names[FIELD["pitch"]]]
         )
         self.top_pitch = int(self.pitch_of[self.is_pitch | self.is_drum_pitch].max())
+        self.positions = int(self.position_value.max()) + 1  # the most a bar can have
         self.is_velocity = starts("velocity", "Velocity_")
         self.is_duration = starts("duration", "Duration_")
         self.is_tempo, self.is_meter = starts("tempo", "Tempo_"), starts("meter", "TimeSig_")
@@ -226,6 +227,9 @@ class CPWordGrammar:
         if sampling.recall:
             bonus = s.recent_pitches(instrument)[:, pitch] & self.is_pitch
             fields["pitch"] = fields["pitch"] + sampling.recall * bonus
+        if sampling.loop:
+            bonus = s.pitches_here(instrument)[:, pitch] & self.is_pitch
+            fields["pitch"] = fields["pitch"] + sampling.loop * bonus
         if c.pitch_prior is not None:
             prior = torch.where(self.is_pitch, c.pitch_prior[instrument][:, pitch], 0)
             fields["pitch"] = fields["pitch"] + sampling.register * prior

@@ -95,11 +95,18 @@ def _windows(ids: torch.Tensor, tracks: torch.Tensor, header_length: int, keep: 
 
 
 def _after_prompt(
-    grammar: Grammar, plan: Plan, constraints: Constraints, batch: int, device, check_time=None
+    grammar: Grammar,
+    plan: Plan,
+    constraints: Constraints,
+    batch: int,
+    device,
+    check_time=None,
+    loops: bool = False,
 ) -> RowState:
     """Every row's state once ``plan``'s prompt is read: what it played is known, and the new
-    material (its tokens, notes and bars, which steering counts) starts from zero."""
-    state = RowState.start(batch, grammar.START, device)
+    material (its tokens, notes and bars, which steering counts) starts from zero. ``loops``:
+    also where in the bar each pitch was begun (Sampling.loop)."""
+    state = RowState.start(batch, grammar.START, device, grammar.positions if loops else 0)
     replay = Constraints(constraints.allowed, constraints.required, constraints.target_bars, 0)
     for index, token in enumerate(torch.as_tensor(plan.prompt_body, device=device)):
         grammar.advance(state, token.expand(batch, *token.shape), replay)
@@ -153,7 +160,9 @@ def _decode(
         [plan.header, plan.prompt_body if plan.context is None else plan.context]
     )
     prompt_tracks = grammar.tokenizer.track_ids(prompt)
-    state = _after_prompt(grammar, plan, constraints, batch, device, check_time)
+    state = _after_prompt(
+        grammar, plan, constraints, batch, device, check_time, loops=sampling.loop > 0
+    )
 
     ids = torch.as_tensor(prompt, device=device).expand(batch, *prompt.shape).clone()
     tracks = torch.as_tensor(prompt_tracks, device=device).expand(batch, -1).clone()

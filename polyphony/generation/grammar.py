@@ -29,6 +29,7 @@ class Grammar(Protocol):
     END: ClassVar[int]  # after EOS
     NOTE_COST: ClassVar[int]  # tokens one note takes (budget checks)
     HEADS: ClassVar[tuple[str, ...]]  # the model heads ``choose`` reads at every step
+    positions: int  # the most positions a bar can have (RowState.start, for loops)
 
     def bar_of(self, ids: np.ndarray) -> np.ndarray:
         """Which of ``ids`` (body tokens) are bar lines."""

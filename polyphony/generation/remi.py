@@ -115,6 +115,7 @@ class RemiGrammar:
             ]
         )
         self.top_pitch = int(self.pitch_of[self.is_pitch].max())  # drums and pitched alike
+        self.positions = int(self.position_value.max()) + 1  # the most a bar can have
         self.next_state = table(
             [
                 (self.DRUM_PROGRAM if value == "-1" else self.PROGRAM)
@@ -291,14 +292,17 @@ class RemiGrammar:
         if steered and bool((allowed & self.is_program).any()):  # some row may start a note
             bonus = s.steering(c.targets, sampling.steer)[:, self.instrument_of]
             logits = logits + torch.where(self.is_program, bonus, 0.0)
-        pitched = (sampling.recall or c.pitch_prior is not None) and bool(
+        pitched = (sampling.recall or sampling.loop or c.pitch_prior is not None) and bool(
             (allowed & self.is_pitched_pitch).any()
         )
-        if pitched:  # some row draws a pitch: phrase recall, then the register
+        if pitched:  # some row draws a pitch: phrase recall and loops, then the register
             pitch = self.pitch_of.clamp(0, 127)
             if sampling.recall:
                 recent = s.recent_pitches(s.instrument)[:, pitch] & self.is_pitched_pitch
                 logits = logits + sampling.recall * recent
+            if sampling.loop:
+                here = s.pitches_here(s.instrument)[:, pitch] & self.is_pitched_pitch
+                logits = logits + sampling.loop * here
             if c.pitch_prior is not None:
                 prior = c.pitch_prior[s.instrument][:, pitch]
                 logits = logits + sampling.register * torch.where(self.is_pitched_pitch, prior, 0)

@@ -36,6 +36,9 @@ class Sampling:
     # instrument's in the training data, or a user's track's own); > 0 also keeps notes inside
     # the register's bounds (0 = off; plan.register_tables).
     register: float = DEFAULT_REGISTER
+    # Nats on the pitches a part began at this position of one of its last RECALL_BARS bars: a
+    # riff's note comes back where it was (0 = off; docs/generation.md, "Loops").
+    loop: float = 0.0
 
     def check(self, tokenization: str) -> Sampling:
         if self.temperature < 0:
@@ -50,6 +53,8 @@ class Sampling:
             raise GenerationError(f"recall={self.recall}: must be in 0..20 (nats; 0 = off)")
         if not 0 <= self.register <= 20:
             raise GenerationError(f"register={self.register}: must be in 0..20 (0 = off)")
+        if not 0 <= self.loop <= 20:
+            raise GenerationError(f"loop={self.loop}: must be in 0..20 (nats; 0 = off)")
         fields = CPWORD_FIELDS if tokenization == "cpword" else REMI_FIELDS
         for name, value in self.field_temperature.items():
             if name not in fields:

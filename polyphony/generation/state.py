@@ -44,9 +44,17 @@ class RowState:
     new_tokens: torch.Tensor  # tokens the model chose (forced and prompt tokens excluded)
     cursor: torch.Tensor  # arrangement: index of the next existing token
     after_existing: torch.Tensor  # arrangement: the last token was an existing one
+    # Loops (Sampling.loop) only: [B, 130, positions, 128] int16, the bar each instrument last
+    # began each pitch in at each position of a bar (3.2 MB a row; bars < MAX_BARS).
+    pitch_at: torch.Tensor | None = None
 
     @classmethod
-    def start(cls, batch: int, grammar_state: int, device: torch.device) -> RowState:
+    def start(
+        cls, batch: int, grammar_state: int, device: torch.device, positions: int = 0
+    ) -> RowState:
+        """``positions``: the most positions a bar can have (the grammar's ``positions``), to
+        remember where each pitch was begun (loops); 0: not remembered."""
+
         def full(value, dtype=torch.long):
             return torch.full((batch,), value, dtype=dtype, device=device)
 
@@ -69,6 +77,14 @@ class RowState:
             new_tokens=full(0),
             cursor=full(0),
             after_existing=full(False, torch.bool),
+            pitch_at=torch.full(
+                (batch, N_TRACK_COLUMNS, positions, 128),
+                -RECALL_BARS - 1,
+                dtype=torch.int16,
+                device=device,
+            )
+            if positions
+            else None,
         )
 
     def mark_played(self, instruments: torch.Tensor, started: torch.Tensor) -> None:
@@ -108,12 +124,25 @@ class RowState:
         pitch = pitches.clamp(0, 127)
         seen = self.pitch_bar[rows, instruments, pitch]
         self.pitch_bar[rows, instruments, pitch] = torch.where(started, self.bars, seen)
+        if self.pitch_at is not None:
+            at = self.position.clamp(min=0)
+            seen = self.pitch_at[rows, instruments, at, pitch]
+            new = torch.where(started, self.bars.to(torch.int16), seen)
+            self.pitch_at[rows, instruments, at, pitch] = new
 
     def recent_pitches(self, instruments: torch.Tensor) -> torch.Tensor:
         """``[B, 128]`` bool: the pitches each row's instrument began in this bar or the
         ``RECALL_BARS`` before it."""
         rows = torch.arange(len(instruments), device=instruments.device)
         return self.bars[:, None] - self.pitch_bar[rows, instruments] <= RECALL_BARS
+
+    def pitches_here(self, instruments: torch.Tensor) -> torch.Tensor:
+        """``[B, 128]`` bool: the pitches each row's instrument began at this position of one
+        of the ``RECALL_BARS`` bars before this one (a state started with ``positions``)."""
+        rows = torch.arange(len(instruments), device=instruments.device)
+        at = self.position.clamp(min=0)
+        lag = self.bars[:, None] - self.pitch_at[rows, instruments, at].long()
+        return (lag >= 1) & (lag <= RECALL_BARS)
 
     def chord_full(self) -> torch.Tensor:
         """``[B, 130]``: instruments that started MAX_NOTES_PER_ONSET notes at this position."""
