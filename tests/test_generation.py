@@ -552,10 +552,9 @@ def test_steering_moves_parts_toward_their_densities(checkpoints, kind):
     assert spread(10.0) > spread(0.0) + 0.2
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_recall_knows_the_pitches_each_part_began_in_its_last_bars(kind):
-    """An 8-bar prompt where piano and bass move up a semitone a bar: at the first new bar's
-    line each part's recent pitches are the ones of its last RECALL_BARS bars, no more."""
+def rising_prompt(kind: str, loops: bool = False):
+    """(tokenizer, state after the prompt) of an 8-bar prompt where the piano plays on each
+    downbeat and the bass on beat 3, both a semitone higher each bar."""
     score = Score(480)
     score.time_signatures.append(TimeSignature(0, 4, 4))
     piano, bass = Track(program=0), Track(program=33)
@@ -566,29 +565,26 @@ def test_recall_knows_the_pitches_each_part_began_in_its_last_bars(kind):
     tokenizer = PolyTokenizer.build(kind)
     grammar = grammar_for(tokenizer, "cpu")
     plan = make_plan(tokenizer, FLAT, prompt=score, bars=2)
-    state = _after_prompt(grammar, plan, plan.constraints("cpu"), 1, "cpu")
+    return tokenizer, _after_prompt(grammar, plan, plan.constraints("cpu"), 1, "cpu", loops=loops)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_recall_knows_the_pitches_each_part_began_in_its_last_bars(kind):
+    """At the rising prompt's first new bar line each part's recent pitches are the ones of its
+    last RECALL_BARS bars, no more."""
+    _, state = rising_prompt(kind)
     for instrument, lowest in ((0, 60), (33, 36)):
         recent = state.recent_pitches(torch.tensor([instrument]))[0]
         expected = set(range(lowest + 8 - RECALL_BARS, lowest + 8))
         assert set(recent.nonzero().flatten().tolist()) == expected
+    assert state.pitch_at is None  # where in the bar: only remembered for loops
 
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_loops_know_where_in_the_bar_each_part_began_its_pitches(kind):
-    """The same prompt (piano on each downbeat, bass on beat 3, a semitone higher each bar): at
-    the first new bar, the pitches each part began at a position of its last RECALL_BARS bars
-    are the ones of that position, and none of the other part's."""
-    score = Score(480)
-    score.time_signatures.append(TimeSignature(0, 4, 4))
-    piano, bass = Track(program=0), Track(program=33)
-    for bar in range(8):
-        piano.notes.append(Note(bar * 1920, 480, 60 + bar, 80))
-        bass.notes.append(Note(bar * 1920 + 960, 480, 36 + bar, 80))
-    score.tracks.extend([piano, bass])
-    tokenizer = PolyTokenizer.build(kind)
-    grammar = grammar_for(tokenizer, "cpu")
-    plan = make_plan(tokenizer, FLAT, prompt=score, bars=2)
-    state = _after_prompt(grammar, plan, plan.constraints("cpu"), 1, "cpu", loops=True)
+    """At the rising prompt's first new bar, the pitches each part began at a position of its
+    last RECALL_BARS bars are the ones of that position, and none of the other part's."""
+    tokenizer, state = rising_prompt(kind, loops=True)
     beat_3 = tokenizer.miditok.config.max_num_pos_per_beat * 2
     for position, instrument, other, lowest in ((0, 0, 33, 60), (beat_3, 33, 0, 36)):
         state.position[:] = position
@@ -596,7 +592,6 @@ def test_loops_know_where_in_the_bar_each_part_began_its_pitches(kind):
         expected = set(range(lowest + 8 - RECALL_BARS, lowest + 8))
         assert set(here.nonzero().flatten().tolist()) == expected
         assert not state.pitches_here(torch.tensor([other]))[0].any()  # it played elsewhere
-    assert _after_prompt(grammar, plan, plan.constraints("cpu"), 1, "cpu").pitch_at is None
 
 
 @pytest.mark.parametrize("kind", KINDS)
