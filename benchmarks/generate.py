@@ -4,6 +4,7 @@
     python benchmarks/generate.py                        # configs/small.yaml, 256 new tokens
     python benchmarks/generate.py --new-tokens 64 --rounds 1   # quicker
     python benchmarks/generate.py --device cuda                # on a GPU (both models)
+    python benchmarks/generate.py --no-compile --batches 1 8 32   # no torch.compile rows
 
 Both models are randomly initialised with the config's layers, width and heads and the REMI
 vocabulary (632 tokens), float32, dropout 0, the same thread count. Each generation samples
