@@ -99,9 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     how.add_argument(
         "--loop",
         type=float,
-        default=0.0,
+        default=common.DEFAULT_LOOP,
         help="make parts repeat like riffs: this many nats on the pitches a part began at the "
-        f"same position of one of its last {common.RECALL_BARS} bars (default 0 = off; at 0.45 "
+        f"same position of one of its last {common.RECALL_BARS} bars (default {common.DEFAULT_LOOP:g} = off; at 0.45 "
         "band parts recur about as much as real ones and lose ~14 %% of their pitch-class "
         "entropy)",
     )

@@ -64,7 +64,7 @@ INSTRUMENTS = "piano, bass, drums"
 DENSITIES = DensityStats.measure({0: [8.0], 33: [5.0], DRUMS: [14.0]})
 # The long request: 64 bars of four instruments with the shipped model.
 LONG_PIECE = {"instruments": "piano, bass, drums, strings", "bars": 64}
-COMPILED = "polyphony (REMI, --compile)"
+EAGER, COMPILED = "polyphony (REMI)", "polyphony (REMI, --compile)"
 
 
 def build_ours(config_path: str, kind: str, device: str = "cpu") -> Checkpoint:
@@ -257,21 +257,21 @@ def main() -> None:
     rows, ratios = [], {}
     for batch in args.batches:
         runs = {
-            "polyphony (REMI)": lambda seed, b=batch: run_ours(remi, b, n, seed),
+            EAGER: lambda seed, b=batch: run_ours(remi, b, n, seed),
             "HF GPT-2 generate": lambda seed, b=batch: run_hf(hf, remi.tokenizer, b, n, seed),
             COMPILED: lambda seed, b=batch: run_ours(compiled, b, n, seed),
             "polyphony (CPWord)": lambda seed, b=batch: run_ours(cpword, b, n, seed),
         }
         if compiled is None:
-            del runs["polyphony (REMI, --compile)"]
+            del runs[COMPILED]
         results = measure(runs, args.rounds)
         for name, result in results.items():
             rows.append({"implementation": name, "batch": batch, **result})
         theirs = results["HF GPT-2 generate"]["tokens_per_s"]
         ratios[f"batch_{batch}"] = {
             kind: round(results[name]["tokens_per_s"] / theirs, 2)
-            for kind, name in (("eager", "polyphony (REMI)"), ("compiled", COMPILED))
-            if name in results
+            for kind, name in (("eager", EAGER), ("compiled", COMPILED))
+            if name in runs
         }
 
     report = {
@@ -301,7 +301,7 @@ def main() -> None:
             + ", ".join(f"{value:.2f}x ({kind})" for kind, value in ratio.items())
         )
     if {1, 8} <= set(args.batches):
-        for name in ("polyphony (REMI)", COMPILED)[: 1 if compiled is None else 2]:
+        for name in (EAGER,) if compiled is None else (EAGER, COMPILED):
             one, eight = (
                 next(r["tokens_per_s"] for r in rows if r["batch"] == b and r["implementation"] == name)
                 for b in (1, 8)

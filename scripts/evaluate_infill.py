@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from polyphony.generation import load_checkpoint, sample_tokens, to_score  # noqa: E402
 from polyphony.generation.common import (  # noqa: E402
+    DEFAULT_LOOP,
     DEFAULT_RECALL,
     DEFAULT_REGISTER,
     DEFAULT_STEER,
@@ -161,7 +162,7 @@ def main() -> None:
     parser.add_argument("--steer", type=float, default=DEFAULT_STEER)
     parser.add_argument("--recall", type=float, default=DEFAULT_RECALL)
     parser.add_argument("--register", type=float, default=DEFAULT_REGISTER)
-    parser.add_argument("--loop", type=float, default=0.0)
+    parser.add_argument("--loop", type=float, default=DEFAULT_LOOP)
     parser.add_argument(
         "--field-temperature", metavar="F=T,...", default="", help="default: generate's"
     )

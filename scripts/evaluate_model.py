@@ -31,6 +31,7 @@ from pathlib import Path
 from polyphony import parts
 from polyphony.evaluate import evaluate_model, format_nll, format_table, validation_nll
 from polyphony.generation import (
+    DEFAULT_LOOP,
     DEFAULT_RECALL,
     DEFAULT_REGISTER,
     DEFAULT_STEER,
@@ -54,7 +55,7 @@ def main() -> None:
     parser.add_argument("--steer", type=float, default=DEFAULT_STEER, help="--parts requests")
     parser.add_argument("--recall", type=float, default=DEFAULT_RECALL, help="--parts requests")
     parser.add_argument("--register", type=float, default=DEFAULT_REGISTER, help="--parts requests")
-    parser.add_argument("--loop", type=float, default=0.0, help="--parts requests")
+    parser.add_argument("--loop", type=float, default=DEFAULT_LOOP, help="--parts requests")
     parser.add_argument(
         "--field-temperature", metavar="F=T,...", help="--parts requests (default: generate's)"
     )

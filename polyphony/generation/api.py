@@ -13,6 +13,7 @@ from symusic import Score
 
 from .common import (
     CONTEXT_KEPT,
+    DEFAULT_LOOP,
     DEFAULT_RECALL,
     DEFAULT_REGISTER,
     DEFAULT_STEER,
@@ -88,7 +89,7 @@ def generate(
     steer: float = DEFAULT_STEER,
     recall: float = DEFAULT_RECALL,
     register: float = DEFAULT_REGISTER,
-    loop: float = 0.0,
+    loop: float = DEFAULT_LOOP,
     num_samples: int = 1,
     max_tokens: int | None = None,
     seed: int | None = None,

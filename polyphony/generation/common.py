@@ -30,6 +30,9 @@ DEFAULT_REGISTER = 1.0
 # of real; 0.5 put an infilled region's entropy at -11 % (docs/generation.md, "Phrase recall").
 RECALL_BARS = 4
 DEFAULT_RECALL = 0.3
+# Loops (Sampling.loop) are off by default: every setting that brings band parts to real
+# recurrence takes more than 10 % of their pitch-class entropy (docs/generation.md, "Loops").
+DEFAULT_LOOP = 0.0
 # A MIDI file has 16 channels and channel 10 is the drum kit.
 MAX_PITCHED_INSTRUMENTS = 15
 # Default token budget (--max-tokens): generous for dense parts, so it only stops a model that

@@ -7,7 +7,14 @@ from dataclasses import dataclass, field
 import torch
 
 from ..config import CPWORD_FIELDS
-from .common import DEFAULT_RECALL, DEFAULT_REGISTER, DEFAULT_STEER, DEFAULT_TOP_P, GenerationError
+from .common import (
+    DEFAULT_LOOP,
+    DEFAULT_RECALL,
+    DEFAULT_REGISTER,
+    DEFAULT_STEER,
+    DEFAULT_TOP_P,
+    GenerationError,
+)
 
 # The fields a REMI step can be given a temperature of: the only steps that draw one kind of
 # token (after a Program, a Pitch; after it, a Velocity; then a Duration).
@@ -38,7 +45,7 @@ class Sampling:
     register: float = DEFAULT_REGISTER
     # Nats on the pitches a part began at this position of one of its last RECALL_BARS bars: a
     # riff's note comes back where it was (0 = off; docs/generation.md, "Loops").
-    loop: float = 0.0
+    loop: float = DEFAULT_LOOP
 
     def check(self, tokenization: str) -> Sampling:
         if self.temperature < 0:
