@@ -19,7 +19,14 @@ def test_script_imports_and_prints_usage(path, monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", [str(path), "--help"])
     monkeypatch.syspath_prepend(str(path.parent))
     with pytest.raises(SystemExit) as exit_:
-        runpy.run_path(str(path), run_name="__main__")
+        try:
+            runpy.run_path(str(path), run_name="__main__")
+        except ModuleNotFoundError as error:
+            # A benchmark's peer (transformers: the `bench` extra) may not be installed; a
+            # missing polyphony name is exactly what this test is for.
+            if error.name.split(".")[0] == "polyphony":
+                raise
+            pytest.skip(f"needs {error.name} (an optional extra)")
     assert exit_.value.code == 0
     assert "usage:" in capsys.readouterr().out
 
