@@ -204,8 +204,7 @@ class CPWordGrammar:
         pitched = self.is_pitch & c.in_register(instrument, self.pitch_of)
         kind = torch.where((instrument == DRUMS)[:, None], self.is_drum_pitch, pitched)
         _, highest = s.onset_order()
-        rows = torch.arange(len(instrument), device=instrument.device)
-        return kind & (self.pitch_of > highest[rows, instrument][:, None])
+        return kind & (self.pitch_of > highest[s.rows, instrument][:, None])
 
     def choose(self, out: ModelOutput, model, s: RowState, c: Constraints, sampling: Sampling, gen):
         """Sample the family, then the fields given it (the model conditions fields on the
@@ -329,8 +328,13 @@ class CPWordGrammar:
         tempo = tokens[:, 6]
         s.tempo = torch.where(is_position & self.is_tempo[tempo], tempo, s.tempo)
         instrument = torch.where(is_note, self.instrument_of[tokens[:, 5]], GLOBAL_TRACK)
-        s.mark_played(instrument, is_note)
-        s.mark_onset(is_metric, instrument, self.pitch_of[tokens[:, 2]], is_note)
+        # Onsets move and notes start only in some steps: one sync says whether any row does.
+        metric, note = torch.stack((is_metric, is_note)).any(-1).tolist()
+        if metric:
+            s.new_onset(is_metric)
+        if note:
+            s.mark_played(instrument, is_note)
+            s.start_notes(instrument, self.pitch_of[tokens[:, 2]], is_note)
         ended = (family == self.eos_id) | (family == self.pad_id)
         s.grammar = torch.where(
             ended, self.END,

@@ -84,7 +84,8 @@ class RemiGrammar:
         self.is_bar, self.is_timesig = of_kind("Bar"), of_kind("TimeSig")
         self.is_position, self.is_tempo = of_kind("Position"), of_kind("Tempo")
         self.is_program, self.is_eos = of_kind("Program"), of_kind("EOS")
-        self.is_note_part = of_kind("Pitch", "PitchDrum", "Velocity", "Duration")
+        # The tokens on an instrument's track (the model's track id: the note's instrument).
+        self.on_track = of_kind("Program", "Pitch", "PitchDrum", "Velocity", "Duration")
         self.position_value = table(
             [int(v) if k == "Position" else -1 for k, v in zip(self.kinds, values, strict=True)]
         )
@@ -134,7 +135,7 @@ class RemiGrammar:
         # What advance needs to know of a token, in one lookup (one row per token id).
         self.token_flags = torch.stack(
             [self.is_bar, self.is_position, self.is_program, self.is_timesig, self.is_tempo,
-             self.is_pitch, self.is_note_part], -1,
+             self.is_pitch, self.on_track], -1,
         )  # fmt: skip
         self.token_values = torch.stack(
             [self.position_value, self.bar_positions, self.instrument_of, self.pitch_of,
@@ -221,6 +222,13 @@ class RemiGrammar:
 
     def allowed(self, s: RowState, c: Constraints) -> torch.Tensor:
         """``[B, V]`` bool: the tokens each row may write next."""
+        return self._allowed(s, c, self._follows(s.grammar.tolist()))
+
+    def _follows(self, states: list[int]) -> set[str]:
+        """The kinds of token some row's grammar state lets it write next."""
+        return set().union(*(self.FOLLOWS[state] for state in set(states)))
+
+    def _allowed(self, s: RowState, c: Constraints, follows: set[str]) -> torch.Tensor:
         b = Budget.of(s, c, self.NOTE_COST)
         col = lambda x: x[:, None]  # noqa: E731  [B] -> [B, 1] against the vocabulary
         flags = torch.stack((b.closing, b.complete, b.urgent, s.tempo >= 0, s.after_existing))
@@ -228,7 +236,6 @@ class RemiGrammar:
         allowed = self.structure(c)[situation]
         # The checks below only narrow Positions, Programs and Pitches: rows about to write
         # anything else (a Velocity or a Duration: half the tokens of a note) skip them.
-        follows = set().union(*(self.FOLLOWS[state] for state in set(s.grammar.tolist())))
         if "Position" in follows:
             # Positions strictly increase within the bar and stay inside it.
             allowed &= self.not_position | (
@@ -251,8 +258,7 @@ class RemiGrammar:
             in_order &= ~blocked & (highest < c.highest_start(self.top_pitch))
             allowed &= self.not_program | in_order[:, self.instrument_of]
         if "Pitch" in follows or "PitchDrum" in follows:
-            rows = torch.arange(len(last), device=last.device)
-            allowed &= self.not_pitch | (self.pitch_of > col(highest[rows, s.instrument]))
+            allowed &= self.not_pitch | (self.pitch_of > col(highest[s.rows, s.instrument]))
             allowed &= ~self.is_pitched_pitch | c.in_register(s.instrument, self.pitch_of)
         if c.existing is not None:
             allowed = self._arrange(allowed, s, c.existing)
@@ -281,21 +287,25 @@ class RemiGrammar:
         return torch.where(col(forced), _one_hot(nxt, self.size), allowed)
 
     def choose(self, out: ModelOutput, model, s: RowState, c: Constraints, sampling: Sampling, gen):
-        allowed = self.allowed(s, c)
-        _check_choices(allowed, s, self.END)
+        states = s.grammar.tolist()  # the one sync of a step's masks
+        follows = self._follows(states)
+        allowed = self._allowed(s, c, follows)
+        if not bool(allowed.any(-1).all()):  # a finished row may write PAD: none is ever empty
+            _check_choices(allowed, s, self.END)
         logits = out.logits["next_token"]
         # Each adjustment below changes nothing when no row needs it (most steps): skipped then.
-        in_last_bar = (s.bars >= c.target_bars) & allowed[:, self.eos_id]
-        if bool(in_last_bar.any()):
-            logits = bar_line_ends_piece(logits, in_last_bar, self.bar_id, self.eos_id)
+        # Steering and the pitch bonuses move only the logits of Programs and Pitches, which
+        # the mask removes where the grammar state does not lead to them.
+        if "EOS" in follows:
+            in_last_bar = (s.bars >= c.target_bars) & allowed[:, self.eos_id]
+            if bool(in_last_bar.any()):
+                logits = bar_line_ends_piece(logits, in_last_bar, self.bar_id, self.eos_id)
         steered = sampling.steer and c.targets is not None
-        if steered and bool((allowed & self.is_program).any()):  # some row may start a note
+        if steered and "Program" in follows:  # some row may start a note
             bonus = s.steering(c.targets, sampling.steer)[:, self.instrument_of]
             logits = logits + torch.where(self.is_program, bonus, 0.0)
-        pitched = (sampling.recall or sampling.loop or c.pitch_prior is not None) and bool(
-            (allowed & self.is_pitched_pitch).any()
-        )
-        if pitched:  # some row draws a pitch: phrase recall and loops, then the register
+        pitched = sampling.recall or sampling.loop or c.pitch_prior is not None
+        if pitched and "Pitch" in follows:  # some row draws a pitch: recall, loops, register
             pitch = self.pitch_of.clamp(0, 127)
             if sampling.recall:
                 recent = s.recent_pitches(s.instrument)[:, pitch] & self.is_pitched_pitch
@@ -309,7 +319,7 @@ class RemiGrammar:
         # Each row's temperature is that of the field its state draws next (pitch, velocity,
         # duration, or the temperature itself); batch 1 keeps the scalar path.
         table, values = self._field_temperatures(sampling)
-        temperature = table[s.grammar] if len(s.grammar) > 1 else values[int(s.grammar)]
+        temperature = table[s.grammar] if len(states) > 1 else values[states[0]]
         return sample(logits, allowed, temperature, sampling.top_k, sampling.top_p, gen)
 
     def _field_temperatures(self, sampling: Sampling) -> tuple[torch.Tensor, list[float]]:
@@ -351,20 +361,31 @@ class RemiGrammar:
             s.after_existing = existing
             active = active & ~existing
         s.new_tokens += active
-        is_bar, is_position, is_program, is_timesig, is_tempo, is_pitch, is_note_part = (
-            self.token_flags[tokens].unbind(-1)
-        )
+        flags = self.token_flags[tokens]
+        # Which kinds of token some row wrote, in one sync: an update no row needs is skipped
+        # (a Velocity or a Duration, half the tokens of a note, changes the grammar state only).
+        bar, position, program, timesig, tempo, pitch, _ = flags.any(0).tolist()
+        is_bar, is_position, is_program, is_timesig, is_tempo, is_pitch, on_track = flags.unbind(-1)
         values = self.token_values[tokens].unbind(-1)
-        position, bar_positions, instrument, pitch, next_state = values
-        s.bars += is_bar
-        s.position = torch.where(is_bar, -1, torch.where(is_position, position, s.position))
-        s.positions_per_bar = torch.where(is_timesig, bar_positions, s.positions_per_bar)
-        s.tempo = torch.where(is_tempo, tokens, s.tempo)
-        s.instrument = torch.where(is_program, instrument, s.instrument)
-        s.mark_played(s.instrument, is_program)
-        s.mark_onset(is_bar | is_position, s.instrument, pitch, is_pitch)
+        position_value, bar_positions, instrument, pitch_value, next_state = values
+        if bar:
+            s.bars += is_bar
+        if bar or position:
+            s.position = torch.where(
+                is_bar, -1, torch.where(is_position, position_value, s.position)
+            )
+            s.new_onset(is_bar | is_position)
+        if timesig:
+            s.positions_per_bar = torch.where(is_timesig, bar_positions, s.positions_per_bar)
+        if tempo:
+            s.tempo = torch.where(is_tempo, tokens, s.tempo)
+        if program:
+            s.instrument = torch.where(is_program, instrument, s.instrument)
+            s.mark_played(s.instrument, is_program)
+        if pitch:
+            s.start_notes(s.instrument, pitch_value, is_pitch)
         s.grammar = next_state
-        return torch.where(is_program | is_note_part, s.instrument, GLOBAL_TRACK)
+        return torch.where(on_track, s.instrument, GLOBAL_TRACK)
 
     def padding(self, batch: int, device) -> torch.Tensor:
         return torch.full((batch,), self.pad_id, dtype=torch.long, device=device)

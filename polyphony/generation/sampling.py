@@ -114,8 +114,10 @@ def sample(
     if not per_row and temperature == 0:
         return logits.argmax(-1)
     greedy = logits.argmax(-1) if per_row else None
-    scale = temperature.clamp(min=1e-6)[:, None] if per_row else temperature
-    logits = logits / scale
+    if per_row:
+        logits = logits / temperature.clamp(min=1e-6)[:, None]
+    elif temperature != 1:
+        logits = logits / temperature
     if 0 < top_k < logits.shape[-1]:
         kth = logits.topk(top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))

@@ -44,6 +44,7 @@ class RowState:
     new_tokens: torch.Tensor  # tokens the model chose (forced and prompt tokens excluded)
     cursor: torch.Tensor  # arrangement: index of the next existing token
     after_existing: torch.Tensor  # arrangement: the last token was an existing one
+    rows: torch.Tensor  # [B] 0..B-1, made once: every per-row lookup indexes with it
     # Loops (Sampling.loop) only: [B, 130, positions, 128] int16, the bar each instrument last
     # began each pitch in at each position of a bar (3.2 MB a row; bars < MAX_BARS).
     pitch_at: torch.Tensor | None = None
@@ -77,6 +78,7 @@ class RowState:
             new_tokens=full(0),
             cursor=full(0),
             after_existing=full(False, torch.bool),
+            rows=torch.arange(batch, device=device),
             pitch_at=torch.full(
                 (batch, N_TRACK_COLUMNS, positions, 128),
                 -RECALL_BARS - 1,
@@ -88,9 +90,8 @@ class RowState:
         )
 
     def mark_played(self, instruments: torch.Tensor, started: torch.Tensor) -> None:
-        rows = torch.arange(len(instruments), device=instruments.device)
-        self.played[rows, instruments] |= started
-        self.notes[rows, instruments] += started
+        self.played[self.rows, instruments] |= started
+        self.notes[self.rows, instruments] += started
 
     def steering(self, targets: torch.Tensor, strength: float) -> torch.Tensor:
         """``[B, 130]`` logit bonus per instrument: ``strength`` x how far its notes lag behind its
@@ -110,18 +111,21 @@ class RowState:
         pull = lag.clamp(min=0) / scale - over / (AHEAD_SCALE * scale)
         return strength * pull
 
-    def mark_onset(self, moved: torch.Tensor, instruments, pitches, started) -> None:
-        """A new Position or Bar (``moved``) clears a row's onsets; a note (``started``) adds
-        its pitch, and its instrument's pitch is marked as begun in this bar (phrase recall)."""
+    def new_onset(self, moved: torch.Tensor) -> None:
+        """A new Position or Bar (``moved``) clears a row's onsets."""
         self.onset_pitch.masked_fill_(moved[:, None], -1)
         self.onset_notes.masked_fill_(moved[:, None], 0)
         self.onset_last.masked_fill_(moved, -1)
-        rows = torch.arange(len(instruments), device=instruments.device)
-        pitch = torch.where(started, pitches.clamp(0, 127), -1)
-        self.onset_pitch[rows, instruments] = self.onset_pitch[rows, instruments].maximum(pitch)
+
+    def start_notes(self, instruments, pitches, started) -> None:
+        """A note (``started``) adds its pitch to the onset, and its instrument's pitch is
+        marked as begun in this bar (phrase recall) and at this position (loops)."""
+        rows = self.rows
+        pitch = pitches.clamp(0, 127)
+        begun = torch.where(started, pitch, -1)
+        self.onset_pitch[rows, instruments] = self.onset_pitch[rows, instruments].maximum(begun)
         self.onset_notes[rows, instruments] += started
         self.onset_last = torch.where(started, instruments, -1).maximum(self.onset_last)
-        pitch = pitches.clamp(0, 127)
         seen = self.pitch_bar[rows, instruments, pitch]
         self.pitch_bar[rows, instruments, pitch] = torch.where(started, self.bars, seen)
         if self.pitch_at is not None:
@@ -133,15 +137,13 @@ class RowState:
     def recent_pitches(self, instruments: torch.Tensor) -> torch.Tensor:
         """``[B, 128]`` bool: the pitches each row's instrument began in this bar or the
         ``RECALL_BARS`` before it."""
-        rows = torch.arange(len(instruments), device=instruments.device)
-        return self.bars[:, None] - self.pitch_bar[rows, instruments] <= RECALL_BARS
+        return self.bars[:, None] - self.pitch_bar[self.rows, instruments] <= RECALL_BARS
 
     def pitches_here(self, instruments: torch.Tensor) -> torch.Tensor:
         """``[B, 128]`` bool: the pitches each row's instrument began at this position of one
         of the ``RECALL_BARS`` bars before this one (a state started with ``positions``)."""
-        rows = torch.arange(len(instruments), device=instruments.device)
         at = self.position.clamp(min=0)
-        lag = self.bars[:, None] - self.pitch_at[rows, instruments, at].long()
+        lag = self.bars[:, None] - self.pitch_at[self.rows, instruments, at].long()
         return (lag >= 1) & (lag <= RECALL_BARS)
 
     def chord_full(self) -> torch.Tensor:
