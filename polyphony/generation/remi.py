@@ -294,12 +294,12 @@ class RemiGrammar:
             _check_choices(allowed, s, self.END)
         logits = out.logits["next_token"]
         # Each adjustment below changes nothing when no row needs it (most steps): skipped then.
-        # Steering and the pitch bonuses move only the logits of Programs and Pitches, which
-        # the mask removes where the grammar state does not lead to them.
         if "EOS" in follows:
             in_last_bar = (s.bars >= c.target_bars) & allowed[:, self.eos_id]
             if bool(in_last_bar.any()):
                 logits = bar_line_ends_piece(logits, in_last_bar, self.bar_id, self.eos_id)
+        # Steering and the pitch bonuses move only the logits of Programs and Pitches, which
+        # the mask removes where the grammar state does not lead to them.
         steered = sampling.steer and c.targets is not None
         if steered and "Program" in follows:  # some row may start a note
             bonus = s.steering(c.targets, sampling.steer)[:, self.instrument_of]
