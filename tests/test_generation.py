@@ -552,9 +552,9 @@ def test_steering_moves_parts_toward_their_densities(checkpoints, kind):
     assert spread(10.0) > spread(0.0) + 0.2
 
 
-def rising_prompt(kind: str, loops: bool = False):
-    """(tokenizer, state after the prompt) of an 8-bar prompt where the piano plays on each
-    downbeat and the bass on beat 3, both a semitone higher each bar."""
+def rising_score() -> Score:
+    """8 bars where the piano plays on each downbeat and the bass on beat 3, both a semitone
+    higher each bar."""
     score = Score(480)
     score.time_signatures.append(TimeSignature(0, 4, 4))
     piano, bass = Track(program=0), Track(program=33)
@@ -562,10 +562,50 @@ def rising_prompt(kind: str, loops: bool = False):
         piano.notes.append(Note(bar * 1920, 480, 60 + bar, 80))
         bass.notes.append(Note(bar * 1920 + 960, 480, 36 + bar, 80))
     score.tracks.extend([piano, bass])
+    return score
+
+
+def rising_prompt(kind: str, loops: bool = False):
+    """(tokenizer, state after the prompt) of the rising score as a prompt."""
     tokenizer = PolyTokenizer.build(kind)
     grammar = grammar_for(tokenizer, "cpu")
-    plan = make_plan(tokenizer, FLAT, prompt=score, bars=2)
+    plan = make_plan(tokenizer, FLAT, prompt=rising_score(), bars=2)
     return tokenizer, _after_prompt(grammar, plan, plan.constraints("cpu"), 1, "cpu", loops=loops)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_batch_advances_as_each_row_would_alone(small_piece, kind):
+    """advance skips the updates no row's token needs (one check over the batch): two real
+    pieces side by side, writing different kinds of token in most steps, leave every row's
+    state after every step as that row's tokens alone would, field by field."""
+    tokenizer = PolyTokenizer.build(kind)
+    grammar = grammar_for(tokenizer, "cpu")
+    plans = [make_plan(tokenizer, FLAT, prompt=p, bars=2) for p in (small_piece, rising_score())]
+    length = max(len(plan.prompt_body) for plan in plans)
+    pad = grammar.padding(1, "cpu")
+    streams = [
+        torch.cat([torch.as_tensor(body), pad.expand(length - len(body), *pad.shape[1:])])
+        for body in (plan.prompt_body for plan in plans)
+    ]
+    constraints = plans[0].constraints("cpu")  # advance reads only `existing` (None) from it
+
+    def start(batch: int) -> RowState:
+        return RowState.start(batch, grammar.START, torch.device("cpu"), grammar.positions)
+
+    together, alone = start(2), [start(1), start(1)]
+    fields = [f.name for f in dataclasses.fields(RowState) if f.name != "rows"]
+    differing = 0
+    for step in range(length):
+        tokens = torch.stack([stream[step] for stream in streams])
+        tracks = grammar.advance(together, tokens, constraints)
+        for row, state in enumerate(alone):
+            assert grammar.advance(state, tokens[row : row + 1], constraints)[0] == tracks[row]
+            for name in fields:
+                value = getattr(together, name)
+                if isinstance(value, torch.Tensor):
+                    assert torch.equal(value[row], getattr(state, name)[0]), (step, row, name)
+        differing += int(together.grammar[0] != together.grammar[1])
+    assert differing > length // 2  # the rows rarely write the same kind of token
 
 
 @pytest.mark.parametrize("kind", KINDS)
