@@ -10,13 +10,19 @@ reported, so both see the same machine load. Then one profiled compiled generati
 bass, drums", 256 tokens) gives what Dynamo's guard check ("TorchDynamo Cache Lookup") costs per
 step, and ``--profile N`` lists the N operations with the most self time in 100 compiled steps
 at each batch size (microseconds per call, calls per step; inductor's own fused kernels count
-as one "## Call CompiledFxGraph"). Prints tables, then one JSON line (``--json FILE`` also
-writes it).
+as one "## Call CompiledFxGraph"). Last, the parts of a whole compiled generation's step at
+batch 1 and 8 (the same request, median of ``--rounds``): milliseconds in the model's
+``decode_step``, the grammar's ``choose`` (masks, logit adjustments, sampling) and ``advance``
+(row state), the rest of the decode loop, and the tensor operations each dispatches outside
+the compiled graph (a profiled run of its own). The parts are timed by wrapping those methods
+of their classes for the duration (REMI). Prints tables, then one JSON line (``--json FILE``
+also writes it).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import os
@@ -25,7 +31,7 @@ import time
 from pathlib import Path
 
 import torch
-from torch.profiler import ProfilerActivity, profile
+from torch.profiler import ProfilerActivity, profile, record_function
 
 from polyphony.generation import (
     Sampling,
@@ -35,9 +41,13 @@ from polyphony.generation import (
     sample_tokens,
 )
 from polyphony.generation.common import MAX_BARS
+from polyphony.generation.remi import RemiGrammar
+from polyphony.model import PolyphonyGPT
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPT = 40
+PARTS = {"model": (PolyphonyGPT, "decode_step"), "choose": (RemiGrammar, "choose"),
+         "advance": (RemiGrammar, "advance")}  # fmt: skip
 
 
 def ready(model, batch: int, prompt: int = PROMPT) -> tuple[torch.Tensor, torch.Tensor]:
@@ -81,12 +91,78 @@ def top_ops(model, batch: int, n: int, steps: int = 100) -> list[dict]:
     ]
 
 
-def guard_us_per_step(checkpoint) -> float:
-    """Microseconds of Dynamo's guard check per decode step of a compiled generation."""
-    plan = make_plan(
+def request(checkpoint):
+    """The generation every whole-step measurement runs: 256 tokens of piano, bass and drums."""
+    return make_plan(
         checkpoint.tokenizer, checkpoint.densities, instruments="piano, bass, drums",
         bars=MAX_BARS, max_tokens=256,
     )  # fmt: skip
+
+
+@contextlib.contextmanager
+def parts_timed(seconds: dict[str, float], label: bool = False):
+    """While open, every call of a PARTS method adds its wall time to ``seconds[part]`` (and,
+    with ``label``, opens a profiler range named after the part)."""
+    originals = {part: getattr(cls, name) for part, (cls, name) in PARTS.items()}
+
+    def timed(part, method):
+        def call(*args, **kwargs):
+            with record_function(part) if label else contextlib.nullcontext():
+                start = time.perf_counter()
+                try:
+                    return method(*args, **kwargs)
+                finally:
+                    seconds[part] += time.perf_counter() - start
+
+        return call
+
+    for part, (cls, name) in PARTS.items():
+        setattr(cls, name, timed(part, originals[part]))
+    try:
+        yield
+    finally:
+        for part, (cls, name) in PARTS.items():
+            setattr(cls, name, originals[part])
+
+
+def step_parts(checkpoint, batch: int, rounds: int) -> dict:
+    """Milliseconds per step in each part of a whole generation (median of ``rounds``), and the
+    tensor operations each dispatches per step (top-level aten calls; a compiled graph's own
+    kernels are not aten calls)."""
+    plan, sampling = request(checkpoint), Sampling(top_p=1.0)
+    sample_tokens(checkpoint, plan, sampling, num_samples=batch, seed=1)  # compiled and warm
+    per_round = []
+    for seed in range(rounds):
+        seconds = dict.fromkeys(PARTS, 0.0)
+        with parts_timed(seconds):
+            start = time.perf_counter()
+            rows = sample_tokens(checkpoint, plan, sampling, num_samples=batch, seed=seed)
+            total = time.perf_counter() - start
+        steps = max(len(row) for row in rows) - len(plan.header)
+        seconds["rest"] = total - sum(seconds.values())
+        per_round.append({part: 1e3 * value / steps for part, value in seconds.items()})
+    ms = {part: round(statistics.median(r[part] for r in per_round), 3) for part in per_round[0]}
+    with parts_timed(dict.fromkeys(PARTS, 0.0), label=True):
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            rows = sample_tokens(checkpoint, plan, sampling, num_samples=batch, seed=0)
+    steps = max(len(row) for row in rows) - len(plan.header)
+    ops = dict.fromkeys([*PARTS, "rest"], 0)
+    for event in prof.events():
+        parent = event.cpu_parent
+        if not event.name.startswith("aten::") or (parent and parent.name.startswith("aten::")):
+            continue
+        while parent is not None and parent.name not in PARTS:
+            parent = parent.cpu_parent
+        ops[parent.name if parent is not None else "rest"] += 1
+    return {
+        "batch": batch, "ms": ms, "total_ms": round(sum(ms.values()), 3),
+        "ops": {part: round(count / steps, 1) for part, count in ops.items()},
+    }  # fmt: skip
+
+
+def guard_us_per_step(checkpoint) -> float:
+    """Microseconds of Dynamo's guard check per decode step of a compiled generation."""
+    plan = request(checkpoint)
     sample_tokens(checkpoint, plan, Sampling(top_p=1.0), seed=1)  # compiled and warm
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         sample_tokens(checkpoint, plan, Sampling(top_p=1.0), seed=0)
@@ -141,8 +217,16 @@ def main() -> None:
         print("| operation | us per call | calls per step |\n| --- | ---: | ---: |")
         for op in ops:
             print(f"| `{op['op']}` | {op['us_per_call']} | {op['calls_per_step']} |")
+    parts = [step_parts(checkpoint, batch, args.rounds) for batch in (1, 8)]
+    print("\nwhole compiled generation, per step: ms (tensor operations outside the graph)")
+    print("| batch | " + " | ".join(PARTS) + " | rest | total ms |")
+    print("| ---: |" + " ---: |" * (len(PARTS) + 2))
+    for p in parts:
+        cells = [f"{p['ms'][k]} ({p['ops'][k]})" for k in [*PARTS, "rest"]]
+        print(f"| {p['batch']} | " + " | ".join(cells) + f" | {p['total_ms']} |")
     result = {
         "rows": rows,
+        "parts": parts,
         "guard_us_per_step": round(guard, 1),
         "profile": profiles or None,
         "threads": args.threads,

@@ -287,7 +287,7 @@ class RemiGrammar:
         return torch.where(col(forced), _one_hot(nxt, self.size), allowed)
 
     def choose(self, out: ModelOutput, model, s: RowState, c: Constraints, sampling: Sampling, gen):
-        states = s.grammar.tolist()  # the one sync of a step's masks
+        states = s.grammar.tolist()  # read once: which checks and bonuses this step needs
         follows = self._follows(states)
         allowed = self._allowed(s, c, follows)
         if not bool(allowed.any(-1).all()):  # a finished row may write PAD: none is ever empty
