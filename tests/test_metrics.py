@@ -30,6 +30,7 @@ from polyphony.metrics import (
     polyphony,
     read_request,
     scale_consistency,
+    top_pitch_share,
     write_request,
 )
 
@@ -144,6 +145,17 @@ def test_recurrence_skips_silent_bars_and_is_undefined_for_a_short_part():
     assert pitch_recurrence(make_score(piano(rest_then_repeat)))[0] == (1, 0.0)
     short = pitch_recurrence(make_score(piano(quarters([60, 62, 64]))))
     assert short[0][0] == 3 and math.isnan(short[0][1])
+
+
+def test_top_pitch_share_counts_each_instruments_most_frequent_pitch():
+    score = make_score(
+        piano(quarters([60, 64, 67, 60])),
+        piano(quarters([60])),  # a second piano track pools with the first: 3 of 5 on C4
+        (33, False, quarters([28, 28, 28, 31])),
+        DRUM_KIT,
+    )
+    assert top_pitch_share(score) == {0: 3 / 5, 33: 3 / 4}  # drums have no pitch to hold
+    assert top_pitch_share(score, min_notes=5) == {0: 3 / 5}
 
 
 # ---------------------------------------------------------------------------- polyphony

@@ -170,6 +170,23 @@ def test_part_figures_report_how_each_family_repeats_its_phrases():
     assert figures["generated"]["distinct_pitches_per_family"] == {"bass": 16, "piano/keys": 4}
 
 
+def test_part_figures_count_a_part_stuck_on_one_pitch_as_a_pedal():
+    real = piece({0: [4], 33: [2]})  # the piano's 4 pitches and the bass's 2 alike each bar
+    generated = piece({0: [4]})
+    pedal = Track(program=33)  # 15 notes on E1 and one on G1: a pedal
+    pedal.notes.extend(Note(k * TPQ, TPQ, 28 if k != 7 else 31, 90) for k in range(16))
+    generated.tracks.append(pedal)
+    figures = part_figures([(generated, real)], n_bars=8)
+    assert figures["real"]["top_pitch_share_per_family"] == {"bass": 0.5, "piano/keys": 0.25}
+    assert figures["generated"]["top_pitch_share_per_family"] == {
+        "bass": 15 / 16,
+        "piano/keys": 0.25,
+    }
+    assert figures["real"]["pedal_fraction_per_family"] == {"bass": 0.0, "piano/keys": 0.0}
+    assert figures["generated"]["pedal_fraction_per_family"] == {"bass": 1.0, "piano/keys": 0.0}
+    assert figures["generated"]["pedal_fraction"] == 0.5
+
+
 def test_part_figures_report_where_each_family_plays():
     """The real bass plays 48 and 50 every bar; the generated one those for 6 bars and two
     octaves up (72, 74) for 2: a quarter of its notes lie outside the real notes' 1st-99th

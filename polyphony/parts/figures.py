@@ -20,10 +20,14 @@ from ..metrics import (
     pitch_class_entropy,
     pitch_recurrence,
     scale_consistency,
+    top_pitch_share,
     track_densities,
 )
 
 THIN = 0.5  # notes per bar: a part below this plays less than one note every two bars
+# A pitched part of at least PEDAL_NOTES notes with this share of them on one pitch is a pedal:
+# a bass on one note for 16 bars (4 % of the band training excerpts' basses, 11 % held out).
+PEDAL, PEDAL_NOTES = 0.7, 8
 # A family median gap's interval: pieces drawn with replacement (every excerpt of a piece
 # together, so a piece with many synth parts weighs as it does in the median), 5th-95th
 # percentile of the gap over the draws.
@@ -141,6 +145,8 @@ def part_figures(
     phrases: dict[str, list[tuple[int, int, float]]] = {side: [] for side in rates}
     # Every pitched note's pitch, by family: where a part sits (a guitar at MIDI 115 is no guitar).
     pitches: dict[str, dict[str, list[int]]] = {side: {} for side in rates}
+    # The share of each pitched part's notes on its most frequent pitch, by family.
+    top: dict[str, dict[str, list[float]]] = {side: {} for side in rates}
     fidelity = []
     for index, (generated, real) in enumerate(pairs):
         played = track_densities(generated)
@@ -155,6 +161,8 @@ def part_figures(
                 if np.isfinite(value):
                     metrics[side][name].append(value)
             phrases[side].extend((i, *figures) for i, figures in pitch_recurrence(score).items())
+            for instrument, share in top_pitch_share(score, PEDAL_NOTES).items():
+                top[side].setdefault(report_family(instrument), []).append(share)
             for track in score.tracks:
                 if not track.is_drum and len(track.notes):
                     family = pitches[side].setdefault(report_family(track.program), [])
@@ -172,6 +180,7 @@ def part_figures(
             "parts_per_family": {f: len(v) for f, v in sorted(by_family.items())},
             **{name: float(np.mean(v)) if v else None for name, v in metrics[side].items()},
             **_phrase_figures(phrases[side]),
+            **_pedal_figures(top[side]),
             **_register_figures(pitches[side], pitches["real"]),
         }
     if asked is not None:
@@ -235,6 +244,19 @@ def _phrase_figures(parts: list[tuple[int, int, float]]) -> dict[str, Any]:
     return {
         "distinct_pitches_per_family": {f: median_of(v) for f, v in sorted(distinct.items())},
         "recurrence_per_family": {f: median_of(v) for f, v in sorted(recurrence.items())},
+    }
+
+
+def _pedal_figures(top: dict[str, list[float]]) -> dict[str, Any]:
+    """Per family, the median share of a part's notes on its most frequent pitch and the
+    fraction of parts that are pedals (``PEDAL``); over every pitched part, the pedal fraction."""
+    every = [share for shares in top.values() for share in shares]
+    return {
+        "top_pitch_share_per_family": {f: median_of(v) for f, v in sorted(top.items())},
+        "pedal_fraction_per_family": {
+            f: float(np.mean(np.asarray(v) >= PEDAL)) for f, v in sorted(top.items())
+        },
+        "pedal_fraction": float(np.mean(np.asarray(every) >= PEDAL)) if every else None,
     }
 
 

@@ -61,6 +61,10 @@ def format_report(report: dict[str, Any]) -> str:
         ("recurrence_per_family", "distinct_pitches_per_family"), (".2f", ".1f"),
     )  # fmt: skip
     lines += _paired_rows(
+        requests, "one pitch (pitched parts)", ("top share", "pedals"),
+        ("top_pitch_share_per_family", "pedal_fraction_per_family"), (".2f", ".0%"),
+    )  # fmt: skip
+    lines += _paired_rows(
         requests, "register (pitched notes)", ("median", "outside"),
         ("median_pitch_per_family", "out_of_register_per_family"), (".0f", ".1%"),
     )  # fmt: skip
