@@ -198,6 +198,8 @@ def create_app(checkpoint: str | Path | None = None, time_limit: float = TIME_LI
             "tokenization": loaded.tokenizer.kind,
             "time_limit_s": time_limit,
             "max_upload_bytes": MAX_UPLOAD_BYTES,
+            # The page's sampling fields start from generate()'s own defaults.
+            "top_p": DEFAULT_TOP_P,
         }
 
     @app.post("/api/generate")

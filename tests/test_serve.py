@@ -14,7 +14,7 @@ from adversarial import write_adversarial_files, write_generation_hostile_files
 from fastapi.testclient import TestClient
 from symusic import Score
 
-from polyphony.generation import load_checkpoint
+from polyphony.generation import DEFAULT_TOP_P, load_checkpoint
 from polyphony.serve import MAX_UPLOAD_BYTES, create_app
 
 REPO = Path(__file__).resolve().parents[1]
@@ -55,6 +55,7 @@ def test_instruments_and_model(client):
     assert "drums" in drums["aliases"]
     model = client.get("/api/model").json()
     assert model["parameters"] > 0 and model["max_upload_bytes"] == MAX_UPLOAD_BYTES
+    assert model["top_p"] == DEFAULT_TOP_P  # the page's top-p field starts there
 
 
 def test_generate_answers_midi_with_the_requested_instruments(client):
@@ -239,6 +240,8 @@ def test_the_page_in_headless_chromium_generates_a_piano_roll(server, tmp_path, 
         browser.get(server)
         wait = WebDriverWait(browser, 120)
         wait.until(lambda b: b.find_elements(By.CSS_SELECTOR, "#catalogue option"))
+        top_p = wait.until(lambda b: b.find_element(By.ID, "top_p").get_attribute("value"))
+        assert float(top_p) == DEFAULT_TOP_P  # the page samples as generate() does
         search = browser.find_element(By.ID, "search")
         for name in ("piano", "bass", "drums"):
             search.send_keys(name)

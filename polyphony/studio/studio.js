@@ -10,6 +10,7 @@ let catalogue = [];
 let selected = [];  // [{id, name, density}]
 let current = null;  // {notes json, blob url}
 let audio = null;
+let topP = null;  // generate()'s default, from /api/model
 
 // ------------------------------------------------------------------ instruments
 async function loadCatalogue() {
@@ -23,6 +24,8 @@ async function loadCatalogue() {
     }
   }
   const model = await (await fetch("/api/model")).json();
+  topP = model.top_p;
+  $("top_p").value = topP;
   $("model").textContent = `${model.checkpoint.split("/").pop()} · ${(model.parameters / 1e6).toFixed(2)}M parameters`;
 }
 
@@ -81,7 +84,7 @@ function densitySpec(tracks) {
 }
 
 function sampling() {
-  return { temperature: numberOrNull("temperature") ?? 1, top_p: numberOrNull("top_p") ?? 0.95,
+  return { temperature: numberOrNull("temperature") ?? 1, top_p: numberOrNull("top_p") ?? topP,
            seed: numberOrNull("seed") };
 }
 
