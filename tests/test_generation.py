@@ -643,7 +643,7 @@ def test_loops_make_parts_repeat_their_notes_where_they_were(checkpoints, kind):
     plan = make_plan(checkpoint.tokenizer, checkpoint.densities, instruments="piano, bass", bars=8)
 
     def repeated(loop: float) -> float:
-        rows = sample_tokens(checkpoint, plan, Sampling(loop=loop), num_samples=4, seed=3)
+        rows = sample_tokens(checkpoint, plan, Sampling(loop=loop), num_samples=8, seed=3)
         hits = []
         for ids in rows:
             score = to_score(checkpoint.tokenizer, ids, plan)
@@ -661,8 +661,9 @@ def test_loops_make_parts_repeat_their_notes_where_they_were(checkpoints, kind):
                         hits.append(p in earlier)
         return sum(hits) / max(len(hits), 1)
 
+    # 8 rows: with 4, CPWord's gain swung from +0.19 (top-p 0.95) to +0.08 (0.98) with the draw.
     looped, alone = repeated(20.0), repeated(0.0)
-    assert looped > alone + 0.15, (looped, alone)  # REMI 0.21 -> 0.73, CPWord 0.37 -> 0.56
+    assert looped > alone + 0.15, (looped, alone)  # REMI 0.13 -> 0.64, CPWord 0.34 -> 0.69
 
 
 @pytest.mark.parametrize("kind", KINDS)
