@@ -9,8 +9,9 @@ eager and a compiled copy of the model alternate for ``--rounds`` rounds; the me
 reported, so both see the same machine load. Then one profiled compiled generation ("piano,
 bass, drums", 256 tokens) gives what Dynamo's guard check ("TorchDynamo Cache Lookup") costs per
 step, and ``--profile N`` lists the N operations with the most self time in 100 compiled steps
-at each batch size (microseconds per call, calls per step; inductor's own fused kernels count
-as one "## Call CompiledFxGraph"). Last, the parts of a whole compiled generation's step at
+at each batch size after the longest ``--prompts`` prefill (microseconds per call, calls per step;
+inductor's own fused kernels count as one "## Call CompiledFxGraph", or each under its own name
+with ``--kernels``: inductor's ``cpp.enable_kernel_profile``, which compiles again). Last, the parts of a whole compiled generation's step at
 batch 1 and 8 (the same request, median of ``--rounds``): milliseconds in the model's
 ``decode_step``, the grammar's ``choose`` (masks, logit adjustments, sampling) and ``advance``
 (row state), the rest of the decode loop, and the tensor operations each dispatches outside
@@ -31,6 +32,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch._inductor import config as inductor_config
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from polyphony.generation import (
@@ -74,9 +76,10 @@ def step_ms(model, batch: int, steps: int, prompt: int = PROMPT) -> float:
     return (time.perf_counter() - start) / steps * 1e3
 
 
-def top_ops(model, batch: int, n: int, steps: int = 100) -> list[dict]:
-    """The ``n`` operations with the most self time over ``steps`` compiled decode steps."""
-    token, track = ready(model, batch)
+def top_ops(model, batch: int, n: int, prompt: int = PROMPT, steps: int = 100) -> list[dict]:
+    """The ``n`` operations with the most self time over ``steps`` compiled decode steps after
+    a ``prompt``-token prefill."""
+    token, track = ready(model, batch, prompt)
     with torch.inference_mode(), profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(steps):
             model.decode_step(token, track, ("next_token",))
@@ -179,6 +182,9 @@ def main() -> None:
     parser.add_argument("--json", help="also write the JSON here")
     parser.add_argument("--profile", type=int, default=0, help="list the N costliest operations")
     parser.add_argument(
+        "--kernels", action="store_true", help="--profile names inductor's fused kernels"
+    )
+    parser.add_argument(
         "--prompts", type=int, nargs="+", default=[PROMPT],
         help="prefill lengths (the keys each step attends to, plus the steps taken)",
     )  # fmt: skip
@@ -189,6 +195,7 @@ def main() -> None:
     if max(args.prompts) + 5 + args.steps > eager.config.max_seq_len:
         parser.error(f"--prompts + --steps + 5 must fit the {eager.config.max_seq_len}-token cache")
     compiled = copy.deepcopy(eager)
+    inductor_config.cpp.enable_kernel_profile = args.kernels
     compile_decoder(compiled)
     rows = []
     for batch in (1, 8):
@@ -211,9 +218,10 @@ def main() -> None:
         cells = (r["batch"], r["prompt"], r["eager_ms"], r["compiled_ms"], f"{r['speedup']}x")
         print("| " + " | ".join(str(c) for c in cells) + " |")
     print(f"Dynamo guard check per compiled step: {guard:.0f} us")
-    profiles = {b: top_ops(compiled, b, args.profile) for b in (1, 8)} if args.profile else {}
+    longest = max(args.prompts)
+    profiles = {b: top_ops(compiled, b, args.profile, longest) for b in (1, 8) if args.profile}
     for batch, ops in profiles.items():
-        print(f"\ncompiled step, batch {batch}: costliest operations")
+        print(f"\ncompiled step, batch {batch}, prefill {longest}: costliest operations")
         print("| operation | us per call | calls per step |\n| --- | ---: | ---: |")
         for op in ops:
             print(f"| `{op['op']}` | {op['us_per_call']} | {op['calls_per_step']} |")

@@ -21,7 +21,7 @@ AHEAD_SCALE = 0.5
 # on one pitch for 16 bars (the held-out band basses: 12 %), since a part's next pitch is most
 # often the one it just played and every cut of the alternatives makes it likelier. On 135
 # held-out band requests 0.95 -> 0.98: pedal parts 9.9 -> 5.6 % (real 6.9 %), bass 24 -> 11 %,
-# every pitch metric within 5 % of real (docs/generation.md, "Top-p and pedal parts").
+# every pitch metric within 5.2 % of real (docs/generation.md, "Top-p and pedal parts").
 DEFAULT_TOP_P = 0.98
 # Register (Sampling.register): the log-density of a Gaussian over an instrument's pitches in the
 # training data, at this weight, added to its pitch logits (docs/generation.md, "Registers").
