@@ -16,7 +16,9 @@ with its 5th-95th percentile over the held-out pieces drawn again with replaceme
 training pieces' own excerpts against the same real ones), thin parts,
 how each part repeats its phrases (recurrence 4 bars back, distinct pitches) and where it sits,
 PCE/SC/GC and instrument fidelity; density controls; continuation (parts kept alive, and in
-their register); arrangement (``OUT/parts.json``):
+their register); arrangement (``OUT/parts.json``). ``--parts --shares 0.1 0.2`` runs no model:
+how far the training pieces' own family medians sit from the held-out ones at each held-out
+share, i.e. how much of a family gap a split of that size decides by itself:
 
     python scripts/evaluate_model.py --checkpoint checkpoints/polyphony-mini \
         --dataset data/dev --corpus corpus --parts --out runs/parts-mini
@@ -79,6 +81,14 @@ def main() -> None:
         action="store_true",
         help="--parts: only control, continuation and arrangement (run beside --requests-only)",
     )
+    only.add_argument(
+        "--shares",
+        type=float,
+        nargs="+",
+        metavar="SHARE",
+        help="--parts: no model; the training pieces' family medians against the held-out ones "
+        "if validation and test each held this share of the band pieces (OUT/shares.json)",
+    )
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     if args.parts:
@@ -106,6 +116,14 @@ def main() -> None:
 
 
 def run_parts(args: argparse.Namespace) -> None:
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.shares:
+        table = parts.share_gaps(args.dataset, args.corpus, args.shares, 16, args.per_piece, 8)
+        for share, row in table.items():
+            gaps = "  ".join(f"{f} {g:+.0%}" for f, g in row["gap_per_family"].items())
+            print(f"share {share}: {row['held_out_pieces']} held-out pieces  {gaps}")
+        (args.out / "shares.json").write_text(json.dumps(table, indent=2) + "\n")
+        return
     checkpoint = load_checkpoint(args.checkpoint)
     # 16-bar excerpts every 8 bars (they overlap by half), up to --per-piece per held-out band
     # piece long enough; continuation and arrangement take each piece's first excerpt.
@@ -139,7 +157,6 @@ def run_parts(args: argparse.Namespace) -> None:
         print(json.dumps(report, indent=1))
     else:
         print(parts.format_report(report))
-    args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "parts.json").write_text(json.dumps(report, indent=2) + "\n")
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from symusic import Note, Score, Tempo, TimeSignature, Track
 
@@ -18,7 +20,7 @@ from polyphony.parts import (
     report_family,
     requests_from_excerpts,
 )
-from polyphony.parts.figures import register_kept, register_summary
+from polyphony.parts.figures import register_kept, register_summary, share_gaps
 
 TPQ = 480
 BAR = 4 * TPQ
@@ -109,6 +111,27 @@ def test_a_family_gap_interval_spans_what_the_choice_of_pieces_makes_of_it():
     # -0.5 whenever "a" is drawn (19 draws in 27); +1.0 when "c" is drawn twice or more (4 in 27).
     assert low == pytest.approx(-0.5) and high == pytest.approx(1.0)
     assert gap_intervals(generated, real, pieces, draws=400) == intervals  # seeded
+
+
+def test_a_larger_held_out_share_holds_out_the_same_pieces_and_more(tmp_path):
+    """Pieces split by content hash as prepare splits them: hash 0.0 is held out at any share,
+    0.25 above a share of 0.125 (validation + test > 0.25), 0.9 never. The gaps are the
+    training pieces' family medians against the held-out ones, whatever split the dataset has."""
+    basses = {"00": 2, "40": 4, "e6": 6}  # first hash byte -> bass notes per bar
+    for split in ("train", "validation", "test"):
+        (tmp_path / "data" / split).mkdir(parents=True)
+        (tmp_path / "data" / split / "pieces.jsonl").write_text("")
+    lines = []
+    for byte, per_bar in basses.items():
+        path = f"band/{byte}.mid"
+        (tmp_path / "band").mkdir(exist_ok=True)
+        piece({33: [per_bar], 0: [4]}).dump_midi(str(tmp_path / path))
+        lines.append(json.dumps({"sha256": byte + "0" * 62, "path": path, "source": "band"}))
+    (tmp_path / "data" / "train" / "pieces.jsonl").write_text("\n".join(lines) + "\n")
+    table = share_gaps(tmp_path / "data", tmp_path, [0.1, 0.2], n_bars=8, per_piece=1, stride=8)
+    assert table["0.1"]["held_out_pieces"] == 1 and table["0.2"]["held_out_pieces"] == 2
+    assert table["0.1"]["gap_per_family"] == {"bass": 1.5, "piano/keys": 0.0}  # 5 against 2
+    assert table["0.2"]["gap_per_family"] == {"bass": 1.0, "piano/keys": 0.0}  # 6 against 3
 
 
 def test_requests_report_each_family_gap_with_its_interval_over_pieces():

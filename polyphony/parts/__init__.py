@@ -28,6 +28,7 @@ from .figures import (
     instruments_of,
     part_figures,
     report_family,
+    share_gaps,
 )
 from .report import format_report
 
@@ -49,4 +50,5 @@ __all__ = [
     "part_figures",
     "report_family",
     "requests_from_excerpts",
+    "share_gaps",
 ]

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 from symusic import Score, Tempo, TimeSignature
 
+from ..data.shards import split_of
 from ..evaluate import split_pieces
 from ..instruments import DRUMS
 from ..metrics import (
@@ -95,14 +96,45 @@ def band_excerpts(
     found = []
     for split in splits:
         for piece in split_pieces(dataset_dir, split):
-            if source is not None and piece.get("source") != source:
-                continue
-            score = Score(str(Path(midi_root) / piece["path"]))
-            for k in range(per_piece):
-                cut = excerpt(score, k * stride, n_bars)
-                if cut is not None:
-                    found.append((f"{piece['path']}@{k * stride}", cut))
+            if source is None or piece.get("source") == source:
+                found += _excerpts_of(piece, midi_root, n_bars, per_piece, stride)
     return found
+
+
+def _excerpts_of(piece: dict, midi_root, n_bars: int, per_piece: int, stride: int):
+    score = Score(str(Path(midi_root) / piece["path"]))
+    cuts = ((f"{piece['path']}@{k * stride}", excerpt(score, k * stride, n_bars))
+            for k in range(per_piece))  # fmt: skip
+    return [(name, cut) for name, cut in cuts if cut is not None]
+
+
+def share_gaps(
+    dataset_dir, midi_root, shares, n_bars: int, per_piece: int, stride: int, source="band"
+) -> dict[str, dict[str, Any]]:
+    """For each held-out share (validation and test each, as ``data.source_held_out``), the
+    family medians of the training pieces' excerpts against the held-out ones: what a model
+    that reproduced its training music would score against that split, with no model run.
+    Pieces are split by content hash as ``prepare`` splits them (data/shards.py), so a larger
+    share holds out the same pieces and more; the dataset's own split is one of the rows."""
+    pieces = [
+        piece
+        for split in ("train", *HELD_OUT)
+        for piece in split_pieces(dataset_dir, split)
+        if source is None or piece.get("source") == source
+    ]
+    cuts = {p["sha256"]: _excerpts_of(p, midi_root, n_bars, per_piece, stride) for p in pieces}
+    table = {}
+    for share in shares:
+        held = {p["sha256"] for p in pieces if split_of(p["sha256"], share, share) != "train"}
+        trained = family_medians([c for h, cs in cuts.items() if h not in held for c in cs], n_bars)
+        real = family_medians([c for h, cs in cuts.items() if h in held for c in cs], n_bars)
+        table[str(share)] = {
+            "held_out_pieces": len(held),
+            "gap_per_family": {
+                f: round(trained[f] / real[f] - 1, 4) for f in real if trained.get(f) and real[f]
+            },
+        }
+    return table
 
 
 def instruments_of(score: Score) -> list[int]:
