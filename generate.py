@@ -106,6 +106,14 @@ def build_parser() -> argparse.ArgumentParser:
         "entropy)",
     )
     how.add_argument(
+        "--groove",
+        type=float,
+        default=common.DEFAULT_GROOVE,
+        help="make the drums hold their groove: this many nats on the kit pieces they played in "
+        f"their last {common.RECALL_BARS} bars, as many again on those played at the same "
+        f"position (default {common.DEFAULT_GROOVE:g}; 0 = the model alone)",
+    )
+    how.add_argument(
         "--register",
         type=float,
         default=common.DEFAULT_REGISTER,
@@ -190,6 +198,7 @@ def run(args: argparse.Namespace) -> int:
             steer=args.steer,
             recall=args.recall,
             loop=args.loop,
+            groove=args.groove,
             register=args.register,
             num_samples=args.num_samples,
             max_tokens=args.max_tokens,

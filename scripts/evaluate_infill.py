@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from polyphony.generation import load_checkpoint, sample_tokens, to_score  # noqa: E402
 from polyphony.generation.common import (  # noqa: E402
+    DEFAULT_GROOVE,
     DEFAULT_LOOP,
     DEFAULT_RECALL,
     DEFAULT_REGISTER,
@@ -163,6 +164,7 @@ def main() -> None:
     parser.add_argument("--recall", type=float, default=DEFAULT_RECALL)
     parser.add_argument("--register", type=float, default=DEFAULT_REGISTER)
     parser.add_argument("--loop", type=float, default=DEFAULT_LOOP)
+    parser.add_argument("--groove", type=float, default=DEFAULT_GROOVE)
     parser.add_argument(
         "--field-temperature", metavar="F=T,...", default="", help="default: generate's"
     )
@@ -175,6 +177,7 @@ def main() -> None:
         recall=args.recall,
         register=args.register,
         loop=args.loop,
+        groove=args.groove,
         field_temperature=parse_field_temperature(args.field_temperature),
     )
     checkpoint = load_checkpoint(args.checkpoint, "cpu")

@@ -33,6 +33,7 @@ from pathlib import Path
 from polyphony import parts
 from polyphony.evaluate import evaluate_model, format_nll, format_table, validation_nll
 from polyphony.generation import (
+    DEFAULT_GROOVE,
     DEFAULT_LOOP,
     DEFAULT_RECALL,
     DEFAULT_REGISTER,
@@ -54,12 +55,15 @@ def main() -> None:
     parser.add_argument("--requests", choices=["random", "validation"], default="random")
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--top-p", type=float, default=DEFAULT_TOP_P)
-    parser.add_argument("--steer", type=float, default=DEFAULT_STEER, help="--parts requests")
-    parser.add_argument("--recall", type=float, default=DEFAULT_RECALL, help="--parts requests")
-    parser.add_argument("--register", type=float, default=DEFAULT_REGISTER, help="--parts requests")
-    parser.add_argument("--loop", type=float, default=DEFAULT_LOOP, help="--parts requests")
+    parser.add_argument("--steer", type=float, default=DEFAULT_STEER, help="--parts: every check")
+    parser.add_argument("--recall", type=float, default=DEFAULT_RECALL, help="--parts: every check")
     parser.add_argument(
-        "--field-temperature", metavar="F=T,...", help="--parts requests (default: generate's)"
+        "--register", type=float, default=DEFAULT_REGISTER, help="--parts: every check"
+    )
+    parser.add_argument("--loop", type=float, default=DEFAULT_LOOP, help="--parts: every check")
+    parser.add_argument("--groove", type=float, default=DEFAULT_GROOVE, help="--parts: every check")
+    parser.add_argument(
+        "--field-temperature", metavar="F=T,...", help="--parts: every check (default: generate's)"
     )
     parser.add_argument("--nll", action="store_true", help="also score the validation split")
     parser.add_argument("--parts", action="store_true", help="the full-parts checks instead")
@@ -135,6 +139,7 @@ def run_parts(args: argparse.Namespace) -> None:
         "recall": args.recall,
         "register": args.register,
         "loop": args.loop,
+        "groove": args.groove,
     }
     if args.field_temperature is not None:
         sampling["field_temperature"] = parse_field_temperature(args.field_temperature)
@@ -150,9 +155,9 @@ def run_parts(args: argparse.Namespace) -> None:
         report["requests"]["training"] = {"median_per_family": parts.family_medians(trained, 16)}
     if not args.requests_only:
         firsts = parts.band_excerpts(args.dataset, args.corpus, 16, 1, stride=8)
-        report["control"] = parts.control(checkpoint, 8, args.samples, args.seed)
-        report["continuation"] = parts.continuation(checkpoint, firsts, 4, 8, args.seed)
-        report["arrangement"] = parts.arrangement(checkpoint, firsts, args.seed)
+        report["control"] = parts.control(checkpoint, 8, args.samples, args.seed, **sampling)
+        report["continuation"] = parts.continuation(checkpoint, firsts, 4, 8, args.seed, **sampling)
+        report["arrangement"] = parts.arrangement(checkpoint, firsts, args.seed, **sampling)
     if args.requests_only or args.checks_only:  # half a report: its figures as they are
         print(json.dumps(report, indent=1))
     else:

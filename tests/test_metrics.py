@@ -17,6 +17,7 @@ from symusic import Note, Score, TextMeta, TimeSignature, Track
 from polyphony.instruments import InstrumentError
 from polyphony.metrics import (
     compute_folder_metrics,
+    drum_groove,
     empty_bar_rate,
     groove_consistency,
     instrument_fidelity,
@@ -156,6 +157,31 @@ def test_top_pitch_share_counts_each_instruments_most_frequent_pitch():
     )
     assert top_pitch_share(score) == {0: 3 / 5, 33: 3 / 4}  # drums have no pitch to hold
     assert top_pitch_share(score, min_notes=5) == {0: 3 / 5}
+
+
+def drum_bars(patterns: list[list[tuple[int, int]]]) -> tuple[int, bool, list[NoteSpec]]:
+    """A drum track, one bar per pattern of (16th of the bar, kit piece) hits."""
+    return (
+        0,
+        True,
+        [(b * BAR + k * TPQ // 4, 60, p) for b, hits in enumerate(patterns) for k, p in hits],
+    )
+
+
+def test_drum_groove_counts_the_hits_struck_at_the_same_place_1_to_4_bars_before():
+    a = [(0, 36), (8, 38)]  # kick on beat 1, snare on beat 3
+    b = [(0, 36), (4, 42), (8, 38), (12, 42)]  # the same, hats on beats 2 and 4
+    assert drum_groove(make_score(drum_bars([a] * 8))) == 1.0
+    # Bars 1-3 repeat a (6 hits); bar 4 brings the hats (2 of its 4 new); bars 5-7 repeat b (12).
+    assert drum_groove(make_score(drum_bars([a] * 4 + [b] * 4))) == pytest.approx(20 / 22)
+    assert drum_groove(make_score(drum_bars([a] * 4 + [b] * 4)), from_bar=4) == 14 / 16
+    shifted = [(1, 36), (9, 38)]  # a 16th late: another place in the bar
+    assert drum_groove(make_score(drum_bars([a, shifted]))) == 0.0
+    swapped = [(0, 35), (8, 40)]  # the same places, other kit pieces
+    assert drum_groove(make_score(drum_bars([a, swapped]))) == 0.0
+    # Five bars back is out of reach.
+    assert drum_groove(make_score(drum_bars([a, [], [], [], [], a]))) == 0.0
+    assert math.isnan(drum_groove(make_score(piano(quarters([60, 62])))))  # no drums
 
 
 # ---------------------------------------------------------------------------- polyphony

@@ -34,6 +34,7 @@ The package reads like gpt-fast's ``generate.py`` ladder, one concern a module:
 from .api import generate, sample_tokens
 from .common import (
     DEFAULT_CHECKPOINT,
+    DEFAULT_GROOVE,
     DEFAULT_LOOP,
     DEFAULT_RECALL,
     DEFAULT_REGISTER,
@@ -55,6 +56,7 @@ __all__ = [
     "CPWordGrammar",
     "Checkpoint",
     "DEFAULT_CHECKPOINT",
+    "DEFAULT_GROOVE",
     "DEFAULT_LOOP",
     "DEFAULT_RECALL",
     "DEFAULT_REGISTER",

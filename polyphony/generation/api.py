@@ -13,6 +13,7 @@ from symusic import Score
 
 from .common import (
     CONTEXT_KEPT,
+    DEFAULT_GROOVE,
     DEFAULT_LOOP,
     DEFAULT_RECALL,
     DEFAULT_REGISTER,
@@ -90,6 +91,7 @@ def generate(
     recall: float = DEFAULT_RECALL,
     register: float = DEFAULT_REGISTER,
     loop: float = DEFAULT_LOOP,
+    groove: float = DEFAULT_GROOVE,
     num_samples: int = 1,
     max_tokens: int | None = None,
     seed: int | None = None,
@@ -116,7 +118,8 @@ def generate(
     play at their median in the training data; a prompt's or arranged piece's tracks as they
     play there (densities.py). ``steer`` pulls each part toward its density, ``recall`` its
     pitches toward those it began in its last bars, ``loop`` toward those it began at the same
-    position of one of them (riffs; 0: off), ``register`` toward its instrument's register in the
+    position of one of them (riffs; 0: off), ``groove`` the drums toward the kit pieces they played
+    there (0: off), ``register`` toward its instrument's register in the
     training data, or a user's track's own, and never past it (0: anywhere); see
     docs/generation.md.
 
@@ -144,8 +147,9 @@ def generate(
         checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint, device)
     )
     sampling = Sampling(
-        temperature, top_k, top_p, dict(field_temperature or {}), steer, recall, register, loop
-    )
+        temperature, top_k, top_p, dict(field_temperature or {}), steer, recall, register, loop,
+        groove,
+    )  # fmt: skip
     sampling.check(loaded.tokenizer.kind)  # before the seed is logged: a bad value is one line
     if infill is not None:
         plan = plan_infill(

@@ -221,8 +221,13 @@ class CPWordGrammar:
             fields["program"] = fields["program"] + bonus  # 0 for non-program values
         masks = {"position": position_mask, "program": program_mask, **self.value_masks(s, c)}
         values = sample_fields({name: fields[name] for name in masks}, masks, sampling, gen)
-        # Phrase recall and the register; drum notes draw PitchDrum values, which get neither.
+        # Phrase recall and the register; drum notes draw PitchDrum values, which get neither
+        # but their groove.
         instrument, pitch = self.instrument_of[values["program"]], self.pitch_of.clamp(0, 127)
+        if sampling.groove:
+            fields["pitch"] = fields["pitch"] + sampling.groove * s.groove(
+                pitch, self.is_drum_pitch
+            )
         if sampling.recall:
             bonus = s.recent_pitches(instrument)[:, pitch] & self.is_pitch
             fields["pitch"] = fields["pitch"] + sampling.recall * bonus

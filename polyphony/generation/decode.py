@@ -105,7 +105,7 @@ def _after_prompt(
 ) -> RowState:
     """Every row's state once ``plan``'s prompt is read: what it played is known, and the new
     material (its tokens, notes and bars, which steering counts) starts from zero. ``loops``:
-    also where in the bar each pitch was begun (Sampling.loop)."""
+    also where in the bar each pitch was begun (Sampling.loop and Sampling.groove)."""
     state = RowState.start(batch, grammar.START, device, grammar.positions if loops else 0)
     replay = Constraints(constraints.allowed, constraints.required, constraints.target_bars, 0)
     for index, token in enumerate(torch.as_tensor(plan.prompt_body, device=device)):
@@ -161,7 +161,13 @@ def _decode(
     )
     prompt_tracks = grammar.tokenizer.track_ids(prompt)
     state = _after_prompt(
-        grammar, plan, constraints, batch, device, check_time, loops=sampling.loop > 0
+        grammar,
+        plan,
+        constraints,
+        batch,
+        device,
+        check_time,
+        loops=sampling.loop > 0 or sampling.groove > 0,
     )
 
     ids = torch.as_tensor(prompt, device=device).expand(batch, *prompt.shape).clone()

@@ -109,6 +109,7 @@ class RemiGrammar:
         }  # fmt: skip
         self.is_pitch = of_kind("Pitch", "PitchDrum")
         self.is_pitched_pitch = of_kind("Pitch")  # phrase recall leaves the drum kit alone
+        self.is_drum_pitch = of_kind("PitchDrum")  # ... which keeps its groove (Sampling.groove)
         self.pitch_of = table(
             [
                 int(v) if k in ("Pitch", "PitchDrum") else 0
@@ -304,6 +305,10 @@ class RemiGrammar:
         if steered and "Program" in follows:  # some row may start a note
             bonus = s.steering(c.targets, sampling.steer)[:, self.instrument_of]
             logits = logits + torch.where(self.is_program, bonus, 0.0)
+        if sampling.groove and "PitchDrum" in follows:  # some row draws a kit piece
+            logits = logits + sampling.groove * s.groove(
+                self.pitch_of.clamp(0, 127), self.is_drum_pitch
+            )
         pitched = sampling.recall or sampling.loop or c.pitch_prior is not None
         if pitched and "Pitch" in follows:  # some row draws a pitch: recall, loops, register
             pitch = self.pitch_of.clamp(0, 127)

@@ -8,6 +8,7 @@ import torch
 
 from ..config import CPWORD_FIELDS
 from .common import (
+    DEFAULT_GROOVE,
     DEFAULT_LOOP,
     DEFAULT_RECALL,
     DEFAULT_REGISTER,
@@ -46,6 +47,10 @@ class Sampling:
     # Nats on the pitches a part began at this position of one of its last RECALL_BARS bars: a
     # riff's note comes back where it was (0 = off; docs/generation.md, "Loops").
     loop: float = DEFAULT_LOOP
+    # Nats on the kit pieces the drums played in their last RECALL_BARS bars, and as many again
+    # on those they played at this position of one of them: a groove holds (0 = off;
+    # docs/generation.md, "Grooves"). Recall, loops and registers leave the kit alone.
+    groove: float = DEFAULT_GROOVE
 
     def check(self, tokenization: str) -> Sampling:
         if self.temperature < 0:
@@ -62,6 +67,8 @@ class Sampling:
             raise GenerationError(f"register={self.register}: must be in 0..20 (0 = off)")
         if not 0 <= self.loop <= 20:
             raise GenerationError(f"loop={self.loop}: must be in 0..20 (nats; 0 = off)")
+        if not 0 <= self.groove <= 20:
+            raise GenerationError(f"groove={self.groove}: must be in 0..20 (nats; 0 = off)")
         fields = CPWORD_FIELDS if tokenization == "cpword" else REMI_FIELDS
         for name, value in self.field_temperature.items():
             if name not in fields:

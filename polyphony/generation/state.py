@@ -8,7 +8,7 @@ import torch
 from miditok.utils import compute_ticks_per_bar
 from symusic import TimeSignature
 
-from ..instruments import GLOBAL_TRACK
+from ..instruments import DRUMS, GLOBAL_TRACK
 from ..tokenizer import (
     PolyTokenizer,
 )
@@ -145,6 +145,17 @@ class RowState:
         at = self.position.clamp(min=0)
         lag = self.bars[:, None] - self.pitch_at[self.rows, instruments, at].long()
         return (lag >= 1) & (lag <= RECALL_BARS)
+
+    def groove(self, pitch: torch.Tensor, is_drum: torch.Tensor) -> torch.Tensor:
+        """``[B, V]``, 0 to 2 per value of a pitch field (``pitch``: its pitch, ``is_drum``: a
+        kit piece): 1 if the drums played that kit piece in their last ``RECALL_BARS`` bars, 1
+        more if at this position of one of them. Rows drawing a pitched note mask kit pieces
+        out, so the drums' history serves every row."""
+        bars = self.bars[:, None]
+        recent = bars - self.pitch_bar[:, DRUMS] <= RECALL_BARS
+        lag = bars - self.pitch_at[self.rows, DRUMS, self.position.clamp(min=0)]
+        kit = recent.float() + ((lag >= 1) & (lag <= RECALL_BARS)).float()
+        return kit[:, pitch] * is_drum
 
     def chord_full(self) -> torch.Tensor:
         """``[B, 130]``: instruments that started MAX_NOTES_PER_ONSET notes at this position."""

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
+import numpy as np
 from symusic import Score
 
 from ..densities import resolve
 from ..instruments import DRUMS
-from ..metrics import track_densities
+from ..metrics import drum_groove, track_densities
 from .figures import (
     excerpt,
     instruments_of,
@@ -67,9 +69,10 @@ CONTROLLED = {"drums": DRUMS, "bass": 33, "piano": 0, "guitar": 25, "strings": 4
 COMPANIONS = {DRUMS: [0, 33], 33: [0, DRUMS], 0: [33, DRUMS], 25: [33, DRUMS], 48: [0, DRUMS]}
 
 
-def control(checkpoint, n_bars: int, samples: int, seed: int) -> dict[str, Any]:
+def control(checkpoint, n_bars: int, samples: int, seed: int, **sampling) -> dict[str, Any]:
     """Per controlled instrument (with two companions): measured notes per bar of ``samples``
-    pieces at each level and at a numeric request (the instrument's upper quartile x 1.25)."""
+    pieces at each level and at a numeric request (the instrument's upper quartile x 1.25).
+    ``sampling``, here and in the checks below: generate()'s keywords of how to draw."""
     from ..generation import generate
 
     results = {}
@@ -80,7 +83,7 @@ def control(checkpoint, n_bars: int, samples: int, seed: int) -> dict[str, Any]:
         for setting in ("sparse", "medium", "dense", numeric):
             scores = generate(
                 request, bars=n_bars, seed=seed, checkpoint=checkpoint, num_samples=samples,
-                density={instrument: setting},
+                density={instrument: setting}, **sampling,
             )  # fmt: skip
             per_bar = [track_densities(s).get(instrument, (0, 0.0))[0] / n_bars for s in scores]
             measured[str(setting)] = median_of(per_bar)
@@ -93,7 +96,9 @@ def control(checkpoint, n_bars: int, samples: int, seed: int) -> dict[str, Any]:
     return results
 
 
-def continuation(checkpoint, excerpts, prompt_bars: int, new_bars: int, seed: int) -> dict:
+def continuation(
+    checkpoint, excerpts, prompt_bars: int, new_bars: int, seed: int, **sampling
+) -> dict:
     """Per prompt track: notes per bar after / before (tracks silent in the prompt left out), and
     whether it stays where it played (:func:`register_kept`), generated beside the real bars
     that follow the prompt."""
@@ -101,6 +106,7 @@ def continuation(checkpoint, excerpts, prompt_bars: int, new_bars: int, seed: in
 
     ratios, silent, pieces = [], 0, 0
     moves: dict[str, list[tuple[float, int, int]]] = {"generated": [], "real": []}
+    grooves: dict[str, list[float]] = {"generated": [], "real": []}  # of the new bars' drums
     for index, (_, real) in enumerate(excerpts):
         prompt = excerpt(real, 0, prompt_bars)
         if prompt is None:
@@ -109,7 +115,7 @@ def continuation(checkpoint, excerpts, prompt_bars: int, new_bars: int, seed: in
         before = {i: n / prompt_bars for i, (n, _) in track_densities(prompt).items()}
         score = generate(
             prompt=prompt, prompt_bars=prompt_bars, bars=new_bars, seed=seed + index,
-            checkpoint=checkpoint,
+            checkpoint=checkpoint, **sampling,
         )  # fmt: skip
         after_part = excerpt(score, prompt_bars, new_bars) or Score(score.ticks_per_quarter)
         after = {i: n / new_bars for i, (n, _) in track_densities(after_part).items()}
@@ -123,16 +129,22 @@ def continuation(checkpoint, excerpts, prompt_bars: int, new_bars: int, seed: in
         for side, new in (("generated", after_part), ("real", real_after)):
             if new is not None:
                 moves[side].extend(register_kept(prompt, new))
+        whole = excerpt(real, 0, prompt_bars + new_bars)
+        for side, both in (("generated", score), ("real", whole)):
+            groove = math.nan if both is None else drum_groove(both, from_bar=prompt_bars)
+            if not math.isnan(groove):
+                grooves[side].append(groove)
     return {
         "pieces": pieces,
         "prompt_tracks": len(ratios),
         "median_ratio": median_of(ratios),
         "silent_fraction": silent / max(len(ratios), 1),
         "register": {side: register_summary(kept) for side, kept in moves.items()},
+        "drum_groove": {side: float(np.mean(v)) if v else None for side, v in grooves.items()},
     }
 
 
-def arrangement(checkpoint, excerpts, seed: int, added=(33, DRUMS)) -> dict[str, Any]:
+def arrangement(checkpoint, excerpts, seed: int, added=(33, DRUMS), **sampling) -> dict[str, Any]:
     """Remove bass and drums from each excerpt, add them back; measured vs target density."""
     from ..generation import generate, make_plan
 
@@ -146,7 +158,9 @@ def arrangement(checkpoint, excerpts, seed: int, added=(33, DRUMS)) -> dict[str,
         if not kept.tracks:
             continue
         plan = make_plan(checkpoint.tokenizer, checkpoint.densities, arrange=kept, add=list(added))
-        score = generate(arrange=kept, add=list(added), seed=seed + index, checkpoint=checkpoint)
+        score = generate(
+            arrange=kept, add=list(added), seed=seed + index, checkpoint=checkpoint, **sampling
+        )
         played = track_densities(score)
         for instrument in added:
             rate = played.get(instrument, (0, 0.0))[0] / plan.target_bars

@@ -15,6 +15,7 @@ from ..data.shards import split_of
 from ..evaluate import split_pieces
 from ..instruments import DRUMS
 from ..metrics import (
+    drum_groove,
     groove_consistency,
     instrument_fidelity,
     piece_bar_lines,
@@ -47,6 +48,7 @@ MUSIC_METRICS: dict[str, Callable[[Score], float]] = {
     "pitch_class_entropy": pitch_class_entropy,
     "scale_consistency": scale_consistency,
     "groove_consistency": groove_consistency,
+    "drum_groove": drum_groove,  # the drums' kit pieces where they were 1-4 bars before
 }
 
 

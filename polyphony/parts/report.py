@@ -88,6 +88,12 @@ def format_report(report: dict[str, Any]) -> str:
             f" semitones, moved > {REGISTER_MOVED}: {r['moved_fraction']:.0%}, new notes outside "
             f"the prompt's range: {_number(r['outside_prompt_range'], '.1%')}"
         )
+    if "drum_groove" in c:  # the drums' kit pieces where they were 1-4 bars before, new bars
+        grooves = c["drum_groove"]
+        lines.append(
+            f"  drum groove, new bars: generated {_number(grooves['generated'])}, "
+            f"real {_number(grooves['real'])}"
+        )
     for name, a in report["arrangement"].items():
         lines.append(
             f"arrangement: added {name} in {a['pieces']} pieces, median error vs target "
