@@ -634,6 +634,28 @@ def test_loops_know_where_in_the_bar_each_part_began_its_pitches(kind):
         assert not state.pitches_here(torch.tensor([other]))[0].any()  # it played elsewhere
 
 
+def repeated_in_place(checkpoint, plan, sampling: Sampling, drums_only: bool = False) -> float:
+    """Of the notes started where their part started notes 1-4 bars earlier (8 rows, seed 3),
+    the share that take one of those pitches."""
+    rows = sample_tokens(checkpoint, plan, sampling, num_samples=8, seed=3)
+    hits = []
+    for ids in rows:
+        score = to_score(checkpoint.tokenizer, ids, plan)
+        starts, _ = piece_bar_lines(score)
+        for track in (t for t in score.tracks if t.is_drum or not drums_only):
+            bars = np.searchsorted(starts, [n.time for n in track.notes], side="right") - 1
+            notes = {
+                (int(b), n.time - int(starts[b]), n.pitch)
+                for b, n in zip(bars, track.notes, strict=True)
+            }
+            for b, at, p in notes:
+                earlier = {q for lag in range(1, RECALL_BARS + 1) for q in range(128)
+                           if (b - lag, at, q) in notes}  # fmt: skip
+                if earlier:
+                    hits.append(p in earlier)
+    return sum(hits) / max(len(hits), 1)
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_loops_make_parts_repeat_their_notes_where_they_were(checkpoints, kind):
     """A large loop bonus: of the notes a part starts where it started notes 1-4 bars earlier,
@@ -642,27 +664,9 @@ def test_loops_make_parts_repeat_their_notes_where_they_were(checkpoints, kind):
     checkpoint = checkpoints[kind]
     plan = make_plan(checkpoint.tokenizer, checkpoint.densities, instruments="piano, bass", bars=8)
 
-    def repeated(loop: float) -> float:
-        rows = sample_tokens(checkpoint, plan, Sampling(loop=loop), num_samples=8, seed=3)
-        hits = []
-        for ids in rows:
-            score = to_score(checkpoint.tokenizer, ids, plan)
-            starts, _ = piece_bar_lines(score)
-            for track in score.tracks:
-                bars = np.searchsorted(starts, [n.time for n in track.notes], side="right") - 1
-                notes = {
-                    (int(b), n.time - int(starts[b]), n.pitch)
-                    for b, n in zip(bars, track.notes, strict=True)
-                }
-                for b, at, p in notes:
-                    earlier = {q for lag in range(1, RECALL_BARS + 1) for q in range(128)
-                               if (b - lag, at, q) in notes}  # fmt: skip
-                    if earlier:
-                        hits.append(p in earlier)
-        return sum(hits) / max(len(hits), 1)
-
     # 8 rows: with 4, CPWord's gain swung from +0.19 (top-p 0.95) to +0.08 (0.98) with the draw.
-    looped, alone = repeated(20.0), repeated(0.0)
+    looped = repeated_in_place(checkpoint, plan, Sampling(loop=20.0))
+    alone = repeated_in_place(checkpoint, plan, Sampling(loop=0.0))
     assert looped > alone + 0.15, (looped, alone)  # REMI 0.13 -> 0.64, CPWord 0.34 -> 0.69
 
 
@@ -708,26 +712,8 @@ def test_grooves_make_the_drums_play_their_kit_where_they_played_it(checkpoints,
     checkpoint = checkpoints[kind]
     plan = make_plan(checkpoint.tokenizer, checkpoint.densities, instruments="bass, drums", bars=8)
 
-    def repeated(groove: float) -> float:
-        rows = sample_tokens(checkpoint, plan, Sampling(groove=groove), num_samples=8, seed=3)
-        hits = []
-        for ids in rows:
-            score = to_score(checkpoint.tokenizer, ids, plan)
-            starts, _ = piece_bar_lines(score)
-            for track in (t for t in score.tracks if t.is_drum):
-                bars = np.searchsorted(starts, [n.time for n in track.notes], side="right") - 1
-                notes = {
-                    (int(b), n.time - int(starts[b]), n.pitch)
-                    for b, n in zip(bars, track.notes, strict=True)
-                }
-                for b, at, p in notes:
-                    earlier = {q for lag in range(1, RECALL_BARS + 1) for q in range(128)
-                               if (b - lag, at, q) in notes}  # fmt: skip
-                    if earlier:
-                        hits.append(p in earlier)
-        return sum(hits) / max(len(hits), 1)
-
-    grooved, alone = repeated(20.0), repeated(0.0)
+    grooved = repeated_in_place(checkpoint, plan, Sampling(groove=20.0), drums_only=True)
+    alone = repeated_in_place(checkpoint, plan, Sampling(groove=0.0), drums_only=True)
     assert grooved > alone + 0.15, (grooved, alone)  # REMI 0.31 -> 0.82, CPWord 0.25 -> 0.81
 
 
