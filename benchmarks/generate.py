@@ -5,6 +5,7 @@
     python benchmarks/generate.py --new-tokens 64 --rounds 1   # quicker
     python benchmarks/generate.py --device cuda                # on a GPU (both models)
     python benchmarks/generate.py --no-compile --batches 1 8 32   # no torch.compile rows
+    python benchmarks/generate.py --groove 0                   # without the drums' groove
 
 Both models are randomly initialised with the config's layers, width and heads and the REMI
 vocabulary (632 tokens), float32, dropout 0, the same thread count. Each generation samples
@@ -53,7 +54,7 @@ from polyphony.generation import (
     sample_tokens,
     to_score,
 )
-from polyphony.generation.common import MAX_BARS
+from polyphony.generation.common import DEFAULT_GROOVE, MAX_BARS
 from polyphony.instruments import DRUMS
 from polyphony.model import PolyphonyGPT
 from polyphony.tokenizer import DecodeError, PolyTokenizer, note_count
@@ -98,9 +99,9 @@ def build_hf(config_path: str, tokenizer: PolyTokenizer, device: str = "cpu"):
 
 
 def run_ours(
-    checkpoint: Checkpoint, batch: int, new_tokens: int, seed: int
+    checkpoint: Checkpoint, batch: int, new_tokens: int, seed: int, groove: float = DEFAULT_GROOVE
 ) -> tuple[float, int, int]:
-    """(seconds, new tokens, notes) of one batched generation."""
+    """(seconds, new tokens, notes) of one batched generation; ``groove``: Sampling.groove."""
     plan = make_plan(
         checkpoint.tokenizer,
         DENSITIES,
@@ -110,7 +111,8 @@ def run_ours(
     )
     start = time.perf_counter()
     # No top-p, as GPT-2 below: the same sampling work on both sides.
-    rows = sample_tokens(checkpoint, plan, Sampling(top_p=1.0), num_samples=batch, seed=seed)
+    sampling = Sampling(top_p=1.0, groove=groove)
+    rows = sample_tokens(checkpoint, plan, sampling, num_samples=batch, seed=seed)
     seconds = time.perf_counter() - start
     tokens = sum(len(row) - len(plan.header) for row in rows)
     notes = sum(note_count(to_score(checkpoint.tokenizer, row, plan)) for row in rows)
@@ -227,6 +229,9 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--groove", type=float, default=DEFAULT_GROOVE, help="the drums' groove (0: its cost off)"
+    )
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     parser.add_argument("--json", help="also write the JSON here")
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]: where both models run")
@@ -257,10 +262,10 @@ def main() -> None:
     rows, ratios = [], {}
     for batch in args.batches:
         runs = {
-            EAGER: lambda seed, b=batch: run_ours(remi, b, n, seed),
+            EAGER: lambda seed, b=batch: run_ours(remi, b, n, seed, args.groove),
             "HF GPT-2 generate": lambda seed, b=batch: run_hf(hf, remi.tokenizer, b, n, seed),
-            COMPILED: lambda seed, b=batch: run_ours(compiled, b, n, seed),
-            "polyphony (CPWord)": lambda seed, b=batch: run_ours(cpword, b, n, seed),
+            COMPILED: lambda seed, b=batch: run_ours(compiled, b, n, seed, args.groove),
+            "polyphony (CPWord)": lambda seed, b=batch: run_ours(cpword, b, n, seed, args.groove),
         }
         if compiled is None:
             del runs[COMPILED]
@@ -276,6 +281,7 @@ def main() -> None:
 
     report = {
         "config": Path(args.config).name,
+        "groove": args.groove,
         "parameters": {
             "polyphony": remi.model.num_parameters(),
             "hf_gpt2": sum(p.numel() for p in hf.parameters()),
