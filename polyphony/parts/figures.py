@@ -117,7 +117,8 @@ def share_gaps(
     family medians of the training pieces' excerpts against the held-out ones: what a model
     that reproduced its training music would score against that split, with no model run.
     Pieces are split by content hash as ``prepare`` splits them (data/shards.py), so a larger
-    share holds out the same pieces and more; the dataset's own split is one of the rows."""
+    share holds out the same pieces and more; at the share the dataset was prepared with, its row
+    is that dataset's own split."""
     pieces = [
         piece
         for split in ("train", *HELD_OUT)
