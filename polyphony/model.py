@@ -473,25 +473,35 @@ class PolyphonyGPT(nn.Module):
         self._check_ids(input_ids, track_ids, step=True)
         slot = self._claim_slots(input_ids.shape[0], 1)
         key_mask = self._key_mask[..., : slot + 1]
-        hidden = self._decode_one(
+        hidden, logits = self._decode_one(
             input_ids, track_ids, self._cache_positions, slot, key_mask, self._rotary_cos,
-            self._rotary_sin, self.kv_caches,
+            self._rotary_sin, self.kv_caches, heads=heads,
         )  # fmt: skip
-        return ModelOutput(logits=self._cached_logits(hidden, heads), hidden=hidden)
+        return ModelOutput(logits=logits, hidden=hidden)
 
     def _decode_one(
-        self, input_ids, track_ids, positions, slot: int, key_mask, rotary_cos, rotary_sin, caches
-    ) -> torch.Tensor:
-        """The trunk of ``decode_step``, the one function ``compile_decoder`` compiles: tensors
-        and the number of keys written (``slot``, symbolic) in, the hidden state out; the heads
-        stay outside so that the graph is the same whatever heads a caller asks for. The rotary
-        tables and the caches come in as arguments, not attributes: the compiled graph freezes
-        what it reads from attributes, and setup_cache makes new ones for every request."""
+        self,
+        input_ids,
+        track_ids,
+        positions,
+        slot: int,
+        key_mask,
+        rotary_cos,
+        rotary_sin,
+        caches,
+        heads=None,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """``decode_step``'s arithmetic, the one function ``compile_decoder`` compiles: tensors
+        and the number of keys written (``slot``, symbolic) in; the hidden state and the logits
+        of ``heads`` out (compiled: of every head, then the ones asked for are picked, so one
+        graph serves whatever heads a caller asks for). The rotary tables and the caches come in
+        as arguments, not attributes: the compiled graph freezes what it reads from attributes,
+        and setup_cache makes new ones for every request."""
         x = self._embed(input_ids, track_ids)  # [B, D]
         cos, sin = rotary_cos[positions], rotary_sin[positions]  # [B, 1, 1, hd]
         hidden = self._cached_trunk(x, cos, sin, caches, slot, key_mask)
         positions += 1
-        return hidden
+        return hidden, self._cached_logits(hidden, heads)
 
     # ------------------------------------------------------------------ sizes
     def num_parameters(self, non_embedding: bool = False) -> int:

@@ -577,11 +577,12 @@ def rising_prompt(kind: str, loops: bool = False):
 def test_a_batch_advances_as_each_row_would_alone(small_piece, kind):
     """advance skips the updates no row's token needs (one check over the batch): two real
     pieces side by side, writing different kinds of token in most steps, leave every row's
-    state after every step as that row's tokens alone would, field by field."""
+    state after every step as that row's tokens alone would, field by field. Both end on PAD;
+    ``finished`` (what the decode loop stops on) holds exactly once every row has ended."""
     tokenizer = PolyTokenizer.build(kind)
     grammar = grammar_for(tokenizer, "cpu")
     plans = [make_plan(tokenizer, FLAT, prompt=p, bars=2) for p in (small_piece, rising_score())]
-    length = max(len(plan.prompt_body) for plan in plans)
+    length = max(len(plan.prompt_body) for plan in plans) + 1
     pad = grammar.padding(1, "cpu")
     streams = [
         torch.cat([torch.as_tensor(body), pad.expand(length - len(body), *pad.shape[1:])])
@@ -594,7 +595,7 @@ def test_a_batch_advances_as_each_row_would_alone(small_piece, kind):
 
     together, alone = start(2), [start(1), start(1)]
     fields = [f.name for f in dataclasses.fields(RowState) if f.name != "rows"]
-    differing = 0
+    differing, finished_at = 0, []
     for step in range(length):
         tokens = torch.stack([stream[step] for stream in streams])
         tracks = grammar.advance(together, tokens, constraints)
@@ -604,7 +605,11 @@ def test_a_batch_advances_as_each_row_would_alone(small_piece, kind):
                 value = getattr(together, name)
                 if isinstance(value, torch.Tensor):
                     assert torch.equal(value[row], getattr(state, name)[0]), (step, row, name)
+            assert state.finished == (int(state.grammar[0]) == grammar.END)
+        assert together.finished == bool((together.grammar == grammar.END).all())
+        finished_at += [step] if together.finished else []
         differing += int(together.grammar[0] != together.grammar[1])
+    assert finished_at == [length - 1]  # the longer piece's PAD ended the batch
     assert differing > length // 2  # the rows rarely write the same kind of token
 
 

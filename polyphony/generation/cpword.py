@@ -210,10 +210,10 @@ class CPWordGrammar:
         """Sample the family, then the fields given it (the model conditions fields on the
         family); the pitch last, as its legal values depend on the program."""
         family_mask, position_mask, program_mask = self.masks(s, c)
-        _check_choices(family_mask, s, self.END)
+        every_row_allowed = _check_choices(family_mask, s, self.END)
         family = sample(
             out.logits["family"], family_mask, sampling.of("family"), sampling.top_k,
-            sampling.top_p, gen,
+            sampling.top_p, gen, every_row_allowed,
         )  # fmt: skip
         fields = model.field_logits(out.hidden, family)
         if sampling.steer and c.targets is not None:
@@ -333,19 +333,21 @@ class CPWordGrammar:
         tempo = tokens[:, 6]
         s.tempo = torch.where(is_position & self.is_tempo[tempo], tempo, s.tempo)
         instrument = torch.where(is_note, self.instrument_of[tokens[:, 5]], GLOBAL_TRACK)
-        # Onsets move and notes start only in some steps: one sync says whether any row does.
-        metric, note = torch.stack((is_metric, is_note)).any(-1).tolist()
+        ended = (family == self.eos_id) | (family == self.pad_id)
+        # Onsets move and notes start only in some steps: one sync says whether any row does,
+        # and whether any row goes on.
+        metric, note, going_on = torch.stack((is_metric, is_note, ~ended)).any(-1).tolist()
         if metric:
             s.new_onset(is_metric)
         if note:
             s.mark_played(instrument, is_note)
             s.start_notes(instrument, self.pitch_of[tokens[:, 2]], is_note)
-        ended = (family == self.eos_id) | (family == self.pad_id)
         s.grammar = torch.where(
             ended, self.END,
             torch.where(is_bar, self.BAR, torch.where(is_position, self.POSITION,
                         torch.where(is_note, self.NOTE, s.grammar))),
         )  # fmt: skip
+        s.finished = not going_on
         return instrument
 
     def padding(self, batch: int, device) -> torch.Tensor:

@@ -47,7 +47,8 @@ class Grammar(Protocol):
         """Why ``token`` may not follow row 0's state, or None."""
 
     def advance(self, s: RowState, tokens: torch.Tensor, c: Constraints) -> torch.Tensor:
-        """Move every row past its token; returns the tokens' track ids."""
+        """Move every row past its token (``s.finished`` once every row has ended); returns the
+        tokens' track ids."""
 
     def padding(self, batch: int, device) -> torch.Tensor:
         """A token that fills a finished row's slot."""

@@ -136,7 +136,7 @@ class RemiGrammar:
         # What advance needs to know of a token, in one lookup (one row per token id).
         self.token_flags = torch.stack(
             [self.is_bar, self.is_position, self.is_program, self.is_timesig, self.is_tempo,
-             self.is_pitch, self.on_track], -1,
+             self.is_pitch, self.on_track, self.next_state != self.END], -1,
         )  # fmt: skip
         self.token_values = torch.stack(
             [self.position_value, self.bar_positions, self.instrument_of, self.pitch_of,
@@ -291,8 +291,7 @@ class RemiGrammar:
         states = s.grammar.tolist()  # read once: which checks and bonuses this step needs
         follows = self._follows(states)
         allowed = self._allowed(s, c, follows)
-        if not bool(allowed.any(-1).all()):  # a finished row may write PAD: none is ever empty
-            _check_choices(allowed, s, self.END)
+        every_row_allowed = _check_choices(allowed, s, self.END)
         logits = out.logits["next_token"]
         # Each adjustment below changes nothing when no row needs it (most steps): skipped then.
         if "EOS" in follows:
@@ -325,7 +324,9 @@ class RemiGrammar:
         # duration, or the temperature itself); batch 1 keeps the scalar path.
         table, values = self._field_temperatures(sampling)
         temperature = table[s.grammar] if len(states) > 1 else values[states[0]]
-        return sample(logits, allowed, temperature, sampling.top_k, sampling.top_p, gen)
+        return sample(
+            logits, allowed, temperature, sampling.top_k, sampling.top_p, gen, every_row_allowed
+        )
 
     def _field_temperatures(self, sampling: Sampling) -> tuple[torch.Tensor, list[float]]:
         """The temperature of the token drawn after each grammar state, as a tensor and a list;
@@ -367,10 +368,12 @@ class RemiGrammar:
             active = active & ~existing
         s.new_tokens += active
         flags = self.token_flags[tokens]
-        # Which kinds of token some row wrote, in one sync: an update no row needs is skipped
-        # (a Velocity or a Duration, half the tokens of a note, changes the grammar state only).
-        bar, position, program, timesig, tempo, pitch, _ = flags.any(0).tolist()
-        is_bar, is_position, is_program, is_timesig, is_tempo, is_pitch, on_track = flags.unbind(-1)
+        # Which kinds of token some row wrote, and whether some row goes on, in one sync: an
+        # update no row needs is skipped (a Velocity or a Duration, half the tokens of a note,
+        # changes the grammar state only).
+        bar, position, program, timesig, tempo, pitch, _, going_on = flags.any(0).tolist()
+        columns = flags.unbind(-1)
+        is_bar, is_position, is_program, is_timesig, is_tempo, is_pitch, on_track, _ = columns
         values = self.token_values[tokens].unbind(-1)
         position_value, bar_positions, instrument, pitch_value, next_state = values
         if bar:
@@ -390,6 +393,7 @@ class RemiGrammar:
         if pitch:
             s.start_notes(s.instrument, pitch_value, is_pitch)
         s.grammar = next_state
+        s.finished = not going_on
         return torch.where(on_track, s.instrument, GLOBAL_TRACK)
 
     def padding(self, batch: int, device) -> torch.Tensor:

@@ -108,15 +108,18 @@ def sample(
     top_k: int,
     top_p: float,
     generator: torch.Generator,
+    every_row_allowed: bool = False,
 ) -> torch.Tensor:
     """One id per row from ``logits [N, V]`` restricted to ``allowed [N, V]``.
 
     ``temperature`` is one number or one per row (0 = greedy). Rows with nothing allowed (a
     field a compound does not use this step) get id 0; the grammar checks that every choice a
-    row does use has at least one legal id.
+    row does use has at least one legal id (``every_row_allowed``: it found that every row has
+    one, and the fix for empty rows is skipped).
     """
     logits = torch.where(allowed, logits.float(), float("-inf"))
-    logits[:, :1].masked_fill_(~allowed.any(-1, keepdim=True), 0.0)
+    if not every_row_allowed:
+        logits[:, :1].masked_fill_(~allowed.any(-1, keepdim=True), 0.0)
     per_row = isinstance(temperature, torch.Tensor)
     if not per_row and temperature == 0:
         return logits.argmax(-1)

@@ -48,6 +48,9 @@ class RowState:
     # Loops (Sampling.loop) only: [B, 130, positions, 128] int16, the bar each instrument last
     # began each pitch in at each position of a bar (3.2 MB a row; bars < MAX_BARS).
     pitch_at: torch.Tensor | None = None
+    # Every row has ended (its grammar state is the grammar's END): set by the grammar's
+    # ``advance`` from the one sync it makes anyway, so the decode loop reads no tensor for it.
+    finished: bool = False
 
     @classmethod
     def start(
@@ -199,7 +202,7 @@ class Constraints:
     # grammar_violations: any instrument's first note may break the onset order (the decoder
     # allows it to a missing instrument it forces in, under a budget the checker cannot know).
     entries_unordered: bool = False
-    tables: dict[str, torch.Tensor] = field(default_factory=dict)  # built by the grammar, cached
+    tables: dict[str, torch.Tensor] = field(default_factory=dict)  # made once, then cached
 
     def highest_start(self, top_pitch: int) -> torch.Tensor:
         """``[130]``: the highest pitch each instrument may start (at most ``top_pitch``, the
@@ -231,17 +234,30 @@ class Budget:
     complete: torch.Tensor  # nothing missing
     urgent: torch.Tensor  # the token budget only just covers the missing notes and a close
     closing: torch.Tensor  # urgent, or in the last bar: no new bar, EOS once complete
-    must_finish: torch.Tensor  # urgent and complete: end as soon as the grammar allows
+
+    @property
+    def must_finish(self) -> torch.Tensor:
+        """Urgent and complete: end as soon as the grammar allows."""
+        return self.urgent & self.complete
 
     @classmethod
     def of(cls, s: RowState, c: Constraints, note_cost: int) -> Budget:
         missing = c.required & ~s.played
         n_missing = missing.sum(-1)
-        left = c.max_new_tokens - s.new_tokens
-        urgent = left <= note_cost * n_missing.clamp(min=1) + CLOSING_TOKENS
-        complete = n_missing == 0
+        # Urgent once the tokens left only cover a note per missing instrument (one, when none
+        # is missing) and a close: the new-token count at which that happens, per count of
+        # missing instruments, is a table made once per decode (one lookup, not five operations;
+        # one grammar, so one ``note_cost``, per decode).
+        urgent_from = c.tables.get("urgent_from")
+        if urgent_from is None:
+            missing_counts = torch.arange(N_TRACK_COLUMNS + 1, device=s.new_tokens.device)
+            urgent_from = (
+                c.max_new_tokens - note_cost * missing_counts.clamp(min=1) - CLOSING_TOKENS
+            )
+            c.tables["urgent_from"] = urgent_from
+        urgent = s.new_tokens >= urgent_from[n_missing]
         closing = urgent | (s.bars >= c.target_bars)
-        return cls(missing, complete, urgent, closing, urgent & complete)
+        return cls(missing, n_missing == 0, urgent, closing)
 
 
 def _one_hot(ids: torch.Tensor, size: int) -> torch.Tensor:
@@ -250,8 +266,11 @@ def _one_hot(ids: torch.Tensor, size: int) -> torch.Tensor:
     return hot
 
 
-def _check_choices(allowed: torch.Tensor, s: RowState, end_state: int) -> None:
-    """Every unfinished row must have a legal token; an empty row is a bug in the rules."""
+def _check_choices(allowed: torch.Tensor, s: RowState, end_state: int) -> bool:
+    """Every unfinished row must have a legal token; an empty row is a bug in the rules.
+    Returns whether every row has one (a finished row may have none)."""
+    if bool(allowed.any(-1).all()):
+        return True
     stuck = ~allowed.any(-1) & (s.grammar != end_state)
     if bool(stuck.any()):
         row = int(stuck.nonzero()[0, 0])
@@ -259,6 +278,7 @@ def _check_choices(allowed: torch.Tensor, s: RowState, end_state: int) -> None:
             f"generation constraints left row {row} without a legal token (grammar state "
             f"{int(s.grammar[row])}, bar {int(s.bars[row])}); please report this with the command"
         )
+    return False
 
 
 def positions_per_bar(tokenizer: PolyTokenizer, meter: str) -> int:
