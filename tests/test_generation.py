@@ -573,6 +573,22 @@ def rising_prompt(kind: str, loops: bool = False):
     return tokenizer, _after_prompt(grammar, plan, plan.constraints("cpu"), 1, "cpu", loops=loops)
 
 
+def test_rows_about_to_write_a_note_field_skip_the_budget_only_where_no_flag_matters():
+    """REMI's allowed tokens skip the budget and flags for the grammar states whose row of the
+    structure table is the same under every flag: those leading to a Pitch, a Velocity or a
+    Duration (3 tokens of a note's 4), never those leading to a bar line, a Position or EOS."""
+    tokenizer = PolyTokenizer.build("remi")
+    grammar = grammar_for(tokenizer, "cpu")
+    constraints = make_plan(tokenizer, FLAT, instruments="piano, bass", bars=2).constraints("cpu")
+    table, n_states = grammar.structure(constraints), len(grammar.STATE_NAMES)
+    free = constraints.tables["flag_free"]
+    assert {grammar.PROGRAM, grammar.DRUM_PROGRAM, grammar.PITCH, grammar.VELOCITY} <= free
+    assert not {grammar.TIMESIG, grammar.POSITION, grammar.TEMPO, grammar.DURATION} & free
+    for state in range(n_states):  # row = state + n_states * flags
+        rows = table[state::n_states]
+        assert bool((rows == rows[0]).all()) == (state in free), grammar.STATE_NAMES[state]
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_a_batch_advances_as_each_row_would_alone(small_piece, kind):
     """advance skips the updates no row's token needs (one check over the batch): two real

@@ -187,7 +187,14 @@ class RemiGrammar:
                 name: ((situation // n_states) >> bit) & 1 == 1
                 for bit, name in enumerate(self.FLAGS)
             }
-            c.tables["structure"] = self._structure(situation % n_states, c, **flags)
+            table = self._structure(situation % n_states, c, **flags)
+            c.tables["structure"] = table
+            # The states whose row is the same under every flag (they lead to a Pitch, a
+            # Velocity, a Duration, a TimeSig: kinds no budget or tempo rule restricts).
+            same = (table.view(-1, n_states, self.size) == table[:n_states]).all(-1).all(0)
+            c.tables["flag_free"] = frozenset(
+                state for state, free in enumerate(same.tolist()) if free
+            )
         return c.tables["structure"]
 
     def _structure(self, state, c, closing, complete, urgent, has_tempo, after_existing):
@@ -223,18 +230,24 @@ class RemiGrammar:
 
     def allowed(self, s: RowState, c: Constraints) -> torch.Tensor:
         """``[B, V]`` bool: the tokens each row may write next."""
-        return self._allowed(s, c, self._follows(s.grammar.tolist()))
+        states = s.grammar.tolist()
+        return self._allowed(s, c, states, self._follows(states))
 
     def _follows(self, states: list[int]) -> set[str]:
         """The kinds of token some row's grammar state lets it write next."""
         return set().union(*(self.FOLLOWS[state] for state in set(states)))
 
-    def _allowed(self, s: RowState, c: Constraints, follows: set[str]) -> torch.Tensor:
-        b = Budget.of(s, c, self.NOTE_COST)
+    def _allowed(self, s: RowState, c: Constraints, states: list[int], follows: set[str]):
         col = lambda x: x[:, None]  # noqa: E731  [B] -> [B, 1] against the vocabulary
-        flags = torch.stack((b.closing, b.complete, b.urgent, s.tempo >= 0, s.after_existing))
-        situation = s.grammar + (flags * self.flag_weights).sum(0)
-        allowed = self.structure(c)[situation]
+        structure = self.structure(c)
+        # Rows about to write a Pitch, a Velocity or a Duration (3 tokens of a note's 4) need
+        # neither the flags nor the budget (which the Program checks below also read).
+        if "Program" not in follows and c.tables["flag_free"].issuperset(states):
+            allowed = structure[s.grammar]
+        else:
+            b = Budget.of(s, c, self.NOTE_COST)
+            flags = torch.stack((b.closing, b.complete, b.urgent, s.tempo >= 0, s.after_existing))
+            allowed = structure[s.grammar + (flags * self.flag_weights).sum(0)]
         # The checks below only narrow Positions, Programs and Pitches: rows about to write
         # anything else (a Velocity or a Duration: half the tokens of a note) skip them.
         if "Position" in follows:
@@ -290,7 +303,7 @@ class RemiGrammar:
     def choose(self, out: ModelOutput, model, s: RowState, c: Constraints, sampling: Sampling, gen):
         states = s.grammar.tolist()  # read once: which checks and bonuses this step needs
         follows = self._follows(states)
-        allowed = self._allowed(s, c, follows)
+        allowed = self._allowed(s, c, states, follows)
         every_row_allowed = _check_choices(allowed, s, self.END)
         logits = out.logits["next_token"]
         # Each adjustment below changes nothing when no row needs it (most steps): skipped then.

@@ -202,7 +202,7 @@ class Constraints:
     # grammar_violations: any instrument's first note may break the onset order (the decoder
     # allows it to a missing instrument it forces in, under a budget the checker cannot know).
     entries_unordered: bool = False
-    tables: dict[str, torch.Tensor] = field(default_factory=dict)  # made once, then cached
+    tables: dict = field(default_factory=dict)  # the grammar's and Budget's, made once a decode
 
     def highest_start(self, top_pitch: int) -> torch.Tensor:
         """``[130]``: the highest pitch each instrument may start (at most ``top_pitch``, the
