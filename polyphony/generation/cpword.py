@@ -135,9 +135,9 @@ class CPWordGrammar:
         program_ok &= ~s.chord_full()[:, self.instrument_of]
         # Header order at one position (see RemiGrammar.allowed); forced-in instruments excepted.
         last, highest = s.onset_order()
-        excused = (col(b.closing & ~b.complete) & b.missing[:, self.instrument_of]) | (
-            c.entries_unordered & ~s.played[:, self.instrument_of]
-        )
+        excused = col(b.closing & ~b.complete) & b.missing[:, self.instrument_of]
+        if c.entries_unordered:
+            excused |= ~s.played[:, self.instrument_of]
         program_ok &= (self.instrument_of >= col(last)) | excused
         program_ok &= (
             highest[:, self.instrument_of] < c.highest_start(self.top_pitch)[self.instrument_of]

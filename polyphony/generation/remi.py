@@ -80,7 +80,7 @@ class RemiGrammar:
             return table([k in kinds for k in self.kinds], torch.bool)
 
         self.size = size
-        self._temperatures: tuple[Sampling, torch.Tensor, list[float]] | None = None
+        self._temperatures: tuple[Sampling, torch.Tensor | None, list[float]] | None = None
         self.is_bar, self.is_timesig = of_kind("Bar"), of_kind("TimeSig")
         self.is_position, self.is_tempo = of_kind("Position"), of_kind("Tempo")
         self.is_program, self.is_eos = of_kind("Program"), of_kind("EOS")
@@ -265,7 +265,9 @@ class RemiGrammar:
             # The training order at one position: instruments in header order, each one's
             # pitches ascending (so never a pitch twice: MIDI cannot hold the copy). A missing
             # instrument forced in at the end may break it.
-            excused = (forcing & b.missing) | (c.entries_unordered & ~s.played)
+            excused = forcing & b.missing
+            if c.entries_unordered:
+                excused |= ~s.played
             in_order = (self.columns >= col(last)) | excused
             # and an instrument starts a note only while a pitch above its last one remains (in
             # its register, when registers are on).
@@ -334,16 +336,18 @@ class RemiGrammar:
                 prior = c.pitch_prior[s.instrument][:, pitch]
                 logits = logits + sampling.register * torch.where(self.is_pitched_pitch, prior, 0)
         # Each row's temperature is that of the field its state draws next (pitch, velocity,
-        # duration, or the temperature itself); batch 1 keeps the scalar path.
+        # duration, or the temperature itself); one number at batch 1, or when every state
+        # draws at the same one (no field temperature given): sample's scalar path.
         table, values = self._field_temperatures(sampling)
-        temperature = table[s.grammar] if len(states) > 1 else values[states[0]]
+        temperature = values[states[0]] if table is None or len(states) == 1 else table[s.grammar]
         return sample(
             logits, allowed, temperature, sampling.top_k, sampling.top_p, gen, every_row_allowed
         )
 
-    def _field_temperatures(self, sampling: Sampling) -> tuple[torch.Tensor, list[float]]:
-        """The temperature of the token drawn after each grammar state, as a tensor and a list;
-        made once per ``Sampling`` (a decode passes the same one every step)."""
+    def _field_temperatures(self, sampling: Sampling) -> tuple[torch.Tensor | None, list[float]]:
+        """The temperature of the token drawn after each grammar state, as a tensor (None when
+        every state has the same) and a list; made once per ``Sampling`` (a decode passes the
+        same one every step)."""
         cached = self._temperatures  # read once: a concurrent decode may replace it
         if cached is None or cached[0] is not sampling:
             # A state followed by one kind of token only draws that field (FOLLOWS says which).
@@ -353,7 +357,8 @@ class RemiGrammar:
                 else sampling.temperature
                 for _, kinds in sorted(self.FOLLOWS.items())
             ]
-            cached = (sampling, torch.tensor(values, device=self.ids.device), values)
+            table = torch.tensor(values, device=self.ids.device) if len(set(values)) > 1 else None
+            cached = (sampling, table, values)
             self._temperatures = cached
         return cached[1], cached[2]
 
