@@ -226,7 +226,7 @@ def compile_decoder(model: PolyphonyGPT) -> None:
     batch size; attention still reads only the keys written. The graph computes every head and
     a step returns the ones asked for: one graph whatever heads a caller asks for, and the
     output projection runs in inductor's GEMM kernel rather than an eager call (at batch 1 an
-    eager 192 x 632 product took ~33 us of a ~1 ms step). Prefill stays eager (once per window).
+    eager 192 x 632 product took ~25 us of a ~1 ms step). Prefill stays eager (once per window).
 
     Only the guards on tensors are kept (shapes, dtypes, devices: a new batch size or cache
     length traces again). Dynamo's other guards re-check the model's modules and attributes
