@@ -142,15 +142,20 @@ class Attention(nn.Module):
         k, v = cache.write(slot, k, v)
         # One query (a decode step): plain operations, which the compiled step fuses into the
         # layer's kernel; the CPU flash kernel took 252 us a call at batch 8 there
-        # (benchmarks/decode_step.py --profile, docs/benchmarks.md). The softmax's division
-        # comes after the product with the values: once per output, not once per key (the
-        # fused kernel divided each weight again for every 8 of a value's 48 dimensions).
+        # (benchmarks/decode_step.py --profile, docs/benchmarks.md).
         if q.shape[2] == 1 and not self.gqa:
             scores = (q @ k.transpose(-1, -2)) * (1.0 / math.sqrt(q.shape[-1]))
             if key_mask is not None:
                 scores = scores.masked_fill(~key_mask, float("-inf"))
-            weights = (scores - scores.amax(-1, keepdim=True)).exp()
-            y = (weights @ v) / weights.sum(-1, keepdim=True)
+            if torch.compiler.is_compiling():
+                # The softmax's division after the product with the values: once per output,
+                # where the fused kernel divided each weight again for every 8 of a value's 48
+                # dimensions (batch 8, 300 keys: 3.02 -> 2.62 ms a step). Eager, the one
+                # softmax call is cheaper than the four calls this takes (1.59 -> 1.78 ms).
+                weights = (scores - scores.amax(-1, keepdim=True)).exp()
+                y = (weights @ v) / weights.sum(-1, keepdim=True)
+            else:
+                y = scores.softmax(-1) @ v
         else:
             y = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=key_mask, is_causal=key_mask is None and q.shape[2] > 1,
