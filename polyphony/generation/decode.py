@@ -228,11 +228,12 @@ def compile_decoder(model: PolyphonyGPT) -> None:
     output projection runs in inductor's GEMM kernel rather than an eager call (at batch 1 an
     eager 192 x 632 product took ~25 us of a ~1 ms step). Prefill stays eager (once per window).
 
-    Only the guards on tensors are kept (shapes, dtypes, devices: a new batch size or cache
-    length traces again). Dynamo's other guards re-check the model's modules and attributes
-    before every call, 145-168 us of a ~1.7 ms step (benchmarks/decode_step.py); nothing they
-    check changes between calls, because ``_decode_one`` takes tensors, the KV caches and one
-    int only and the model's modules are fixed once loaded. The test ``test_compiled_decode_step_matches_eager_and_never_recompiles``
+    Only the guards on tensors (shapes, dtypes, devices: a new batch size or cache length
+    traces again) and on the weights' identities are kept (``_tensor_and_weight_guards``).
+    Dynamo's other guards re-check the model's modules and attributes before every call,
+    145-168 us of a ~1.7 ms step (benchmarks/decode_step.py); nothing they check changes
+    between calls, because ``_decode_one`` takes tensors, the KV caches and one int only and
+    the model's modules are fixed once loaded. The test ``test_compiled_decode_step_matches_eager_and_never_recompiles``
     holds it to the eager step across ragged rows, heads and cache sizes.
 
     The weights are frozen into the graph (inductor's ``freezing``: later changes to them are
@@ -244,7 +245,7 @@ def compile_decoder(model: PolyphonyGPT) -> None:
         compiled = torch.compile(
             functools.partial(model._decode_one, heads=None), backend=_inductor_frozen,
             fullgraph=True, dynamic=True,
-            options={"guard_filter_fn": torch.compiler.keep_tensor_guards_unsafe},
+            options={"guard_filter_fn": _tensor_and_weight_guards},
         )  # fmt: skip
 
         def decode_one(*args, heads=None):
@@ -263,6 +264,18 @@ def compile_decoder(model: PolyphonyGPT) -> None:
 
         model._decode_one = decode_one
         model._decoder_compiled = True
+
+
+def _tensor_and_weight_guards(entries) -> list[bool]:
+    """The guards on tensors, and on which weights a graph was traced with. Every compiled
+    decoder shares Dynamo's cache (torch.compile wraps each ``functools.partial`` in the same
+    function), and a graph holds its model's weights frozen in: without the weights' guards a
+    second model of the same shape ran the first one's graph, and its weights."""
+    tensors = torch.compiler.keep_tensor_guards_unsafe(entries)
+    return [
+        keep or (entry.guard_type == "ID_MATCH" and isinstance(entry.value, torch.nn.Parameter))
+        for keep, entry in zip(tensors, entries, strict=True)
+    ]
 
 
 def _inductor_frozen(graph, example_inputs):
