@@ -229,7 +229,7 @@ def compile_decoder(model: PolyphonyGPT) -> None:
     eager 192 x 632 product took ~25 us of a ~1 ms step). Prefill stays eager (once per window).
 
     Only the guards on tensors (shapes, dtypes, devices: a new batch size or cache length
-    traces again) and on the weights' identities are kept (``_tensor_and_weight_guards``).
+    traces again) and on a weight's identity are kept (``_tensor_and_weight_guards``).
     Dynamo's other guards re-check the model's modules and attributes before every call,
     145-168 us of a ~1.7 ms step (benchmarks/decode_step.py); nothing they check changes
     between calls, because ``_decode_one`` takes tensors, the KV caches and one int only and
@@ -267,15 +267,18 @@ def compile_decoder(model: PolyphonyGPT) -> None:
 
 
 def _tensor_and_weight_guards(entries) -> list[bool]:
-    """The guards on tensors, and on which weights a graph was traced with. Every compiled
-    decoder shares Dynamo's cache (torch.compile wraps each ``functools.partial`` in the same
-    function), and a graph holds its model's weights frozen in: without the weights' guards a
-    second model of the same shape ran the first one's graph, and its weights."""
-    tensors = torch.compiler.keep_tensor_guards_unsafe(entries)
-    return [
-        keep or (entry.guard_type == "ID_MATCH" and isinstance(entry.value, torch.nn.Parameter))
-        for keep, entry in zip(tensors, entries, strict=True)
-    ]
+    """The guards on tensors, and on which model a graph was traced with. Every compiled decoder
+    shares Dynamo's cache (torch.compile wraps each ``functools.partial`` in the same function)
+    and a graph holds its model's weights frozen in: without a guard on them a second model of
+    the same shape ran the first one's graph, and its weights. One weight's identity tells the
+    models apart (every weight's cost 14 us a step, one weight's 2: benchmarks/decode_step.py's
+    guard check)."""
+    keep = torch.compiler.keep_tensor_guards_unsafe(entries)
+    for index, entry in enumerate(entries):
+        if entry.guard_type == "ID_MATCH" and isinstance(entry.value, torch.nn.Parameter):
+            keep[index] = True
+            break
+    return keep
 
 
 def _inductor_frozen(graph, example_inputs):
