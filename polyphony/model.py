@@ -97,10 +97,12 @@ class KVCache:
     the model's attributes, so a new cache must reach it as an input.
     """
 
-    def __init__(self, batch_size, max_len, n_kv_heads, head_dim, device, dtype):
+    def __init__(self, batch_size, max_len, n_heads, n_kv_heads, head_dim, device, dtype):
         shape = (batch_size, n_kv_heads, max_len, head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
+        # The compiled step's scaled query (Attention.step), stored so that it is computed once.
+        self.query = torch.zeros(batch_size, n_heads, 1, head_dim, device=device, dtype=dtype)
 
     def write(self, slot: int, k: torch.Tensor, v: torch.Tensor):
         """Store ``k, v [B, K, T, hd]`` at slots ``slot .. slot + T``; return every key and value
@@ -143,19 +145,13 @@ class Attention(nn.Module):
         # One query (a decode step): plain operations, which the compiled step fuses into the
         # layer's kernel; the CPU flash kernel took 252 us a call at batch 8 there
         # (benchmarks/decode_step.py --profile, docs/benchmarks.md).
-        if q.shape[2] == 1 and not self.gqa:
+        if q.shape[2] == 1 and not self.gqa and torch.compiler.is_compiling():
+            y = _fused_query_attention(q, k, v, key_mask, cache.query)
+        elif q.shape[2] == 1 and not self.gqa:
             scores = (q @ k.transpose(-1, -2)) * (1.0 / math.sqrt(q.shape[-1]))
             if key_mask is not None:
                 scores = scores.masked_fill(~key_mask, float("-inf"))
-            if torch.compiler.is_compiling():
-                # The softmax's division after the product with the values: once per output,
-                # where the fused kernel divided each weight again for every 8 of a value's 48
-                # dimensions (batch 8, 300 keys: 3.02 -> 2.62 ms a step). Eager, the one
-                # softmax call is cheaper than the four calls this takes (1.59 -> 1.78 ms).
-                weights = (scores - scores.amax(-1, keepdim=True)).exp()
-                y = (weights @ v) / weights.sum(-1, keepdim=True)
-            else:
-                y = scores.softmax(-1) @ v
+            y = scores.softmax(-1) @ v
         else:
             y = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=key_mask, is_causal=key_mask is None and q.shape[2] > 1,
@@ -171,6 +167,21 @@ class Attention(nn.Module):
         qk = apply_rotary(qkv[:, :, : self.n_heads + self.n_kv_heads], cos, sin)
         q, k = qk.transpose(1, 2).split((self.n_heads, self.n_kv_heads), dim=1)
         return q, k, qkv[:, :, self.n_heads + self.n_kv_heads :].transpose(1, 2)
+
+
+def _fused_query_attention(q, k, v, key_mask, query: torch.Tensor) -> torch.Tensor:
+    """``Attention.step``'s one-query attention as the compiled step writes it, for the one kernel
+    inductor fuses it into. The scaled query goes through ``query`` (the cache's buffer): stored,
+    it is computed once, where the kernel rotated and scaled it again for every key. The
+    softmax's division comes after the product with the values: once per output, where the
+    kernel divided every weight again for each 8 of a value's 48 dimensions. Eager, the plain
+    form's fewer calls cost less (the division's four calls: batch 1 1.59 -> 1.78 ms a step)."""
+    query.copy_(q * (1.0 / math.sqrt(q.shape[-1])))
+    scores = query @ k.transpose(-1, -2)
+    if key_mask is not None:
+        scores = scores.masked_fill(~key_mask, float("-inf"))
+    weights = (scores - scores.amax(-1, keepdim=True)).exp()
+    return (weights @ v) / weights.sum(-1, keepdim=True)
 
 
 class SwiGLU(nn.Module):
@@ -408,7 +419,9 @@ class PolyphonyGPT(nn.Module):
         dtype = reference.dtype if dtype is None else dtype
         n_kv_heads = self.config.n_kv_heads or self.config.n_heads
         self.kv_caches = tuple(
-            KVCache(batch_size, max_len, n_kv_heads, self.head_dim, device, dtype)
+            KVCache(
+                batch_size, max_len, self.config.n_heads, n_kv_heads, self.head_dim, device, dtype
+            )
             for _ in self.blocks
         )
         # The angles of every position the cache can hold, once: a step looks its rows' up.
