@@ -183,18 +183,23 @@ def test_compiled_decode_step_matches_eager_and_never_recompiles():
 
 def test_two_compiled_models_of_one_shape_each_run_their_own_weights():
     # Each compiled graph holds its model's weights frozen in, and torch.compile gives every
-    # compiled decoder one cache: a second model of the same shape must trace its own graph.
-    ids, tracks = random_batch("remi", 1, 6, seed=5)
-    for seed in (1, 2):
-        eager = tiny_model(seed=seed)
-        compiled = copy.deepcopy(eager)
-        compile_decoder(compiled)
-        steps = []
-        for model in (eager, compiled):
-            model.setup_cache(batch_size=1, max_len=8)
-            model.prefill(ids[:, :5], tracks[:, :5], torch.tensor([5]))
-            steps.append(model.decode_step(ids[:, 5], tracks[:, 5]).logits["next_token"])
-        torch.testing.assert_close(steps[1], steps[0])
+    # compiled decoder one cache: a second model of the same shape must trace its own graphs,
+    # and the cache must make room for them (Dynamo's cap, lowered here to what one model
+    # uses: batch 1 and batch 2 graphs).
+    ids, tracks = random_batch("remi", 2, 6, seed=5)
+    with torch._dynamo.config.patch(recompile_limit=2):
+        for seed in (1, 2):
+            eager = tiny_model(seed=seed)
+            compiled = copy.deepcopy(eager)
+            compile_decoder(compiled)
+            for rows in (1, 2):
+                steps = []
+                for model in (eager, compiled):
+                    model.setup_cache(batch_size=rows, max_len=8)
+                    model.prefill(ids[:rows, :5], tracks[:rows, :5], torch.tensor([5] * rows))
+                    step = model.decode_step(ids[:rows, 5], tracks[:rows, 5])
+                    steps.append(step.logits["next_token"])
+                torch.testing.assert_close(steps[1], steps[0])
 
 
 @pytest.mark.parametrize("kind, head", [("remi", "next_token"), ("cpword", "family")])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import itertools
 import time
 import warnings
 
@@ -18,6 +19,12 @@ from .grammar import Grammar
 from .plan import Plan
 from .sampling import Sampling
 from .state import Constraints, RowState
+
+# Every compiled decoder shares one Dynamo cache (_tensor_and_weight_guards), whose entries
+# Dynamo caps (``recompile_limit``, 8): a model traces 2 graphs (batch 1, then any batch), so the
+# fifth model compiled in a process failed. The cap grows with each model compiled.
+_DECODERS_COMPILED = itertools.count(1)
+GRAPHS_PER_DECODER = 4
 
 
 class CachedContext:
@@ -242,6 +249,8 @@ def compile_decoder(model: PolyphonyGPT) -> None:
     several times (a batch-1 step 6.3x faster than eager, docs/benchmarks.md). The choice is
     timed once per shape at compile time and cached on disk with the rest of inductor's cache."""
     if not getattr(model, "_decoder_compiled", False):
+        room = GRAPHS_PER_DECODER * next(_DECODERS_COMPILED)
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, room)
         compiled = torch.compile(
             functools.partial(model._decode_one, heads=None), backend=_inductor_frozen,
             fullgraph=True, dynamic=True,
