@@ -44,7 +44,14 @@ except ImportError as err:  # an optional extra
 from symusic import Score
 
 from .data.midi_input import MidiInputError, load_midi
-from .generation import DEFAULT_TOP_P, GenerationError, generate, load_checkpoint, midi_bytes
+from .generation import (
+    DEFAULT_TOP_P,
+    GenerationError,
+    compile_decoder,
+    generate,
+    load_checkpoint,
+    midi_bytes,
+)
 from .instruments import ALIASES, DRUMS, GM_NAMES, InstrumentError, instrument_name
 from .metrics import bar_lines
 
@@ -140,9 +147,19 @@ class Options(BaseModel):
 Upload = Annotated[UploadFile, File()]
 
 
-def create_app(checkpoint: str | Path | None = None, time_limit: float = TIME_LIMIT_S) -> FastAPI:
-    """The studio's FastAPI app around one loaded model (default: the shipped one)."""
+def create_app(
+    checkpoint: str | Path | None = None, time_limit: float = TIME_LIMIT_S, compile: bool = False
+) -> FastAPI:
+    """The studio's FastAPI app around one loaded model (default: the shipped one).
+
+    ``compile``: torch.compile the decode step before serving (compile_decoder), and trace it
+    with one short piece, so that no request pays the compile (20-60 s) under its time limit:
+    a server keeps its model, which is where compiling pays (docs/generation.md, "Speed")."""
     loaded = load_checkpoint(checkpoint)
+    if compile:
+        compile_decoder(loaded.model)
+        # Every request decodes one row into a cache of the model's length: one graph.
+        generate("piano", bars=1, seed=0, checkpoint=loaded)
     worker = Worker()
     app = FastAPI(title="polyphony studio", docs_url=None, redoc_url=None)
     app.mount("/static", StaticFiles(directory=STUDIO_DIR), name="static")
@@ -271,11 +288,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=8765)
     parser.add_argument("--checkpoint", help="model directory (default: the shipped model)")
     parser.add_argument("--time-limit", type=float, default=TIME_LIMIT_S, help="seconds")
+    parser.add_argument(
+        "--compile", action="store_true",
+        help="torch.compile the decode step at startup (20-60 s once): requests decode faster",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     import uvicorn
 
+    if args.compile:
+        print("compiling the decode step (20-60 s, once)...", file=sys.stderr)
     try:
-        app = create_app(args.checkpoint, args.time_limit)
+        app = create_app(args.checkpoint, args.time_limit, args.compile)
     except GenerationError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

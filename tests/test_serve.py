@@ -165,6 +165,31 @@ def test_concurrent_requests_answer_what_each_answers_alone(client):
     assert len(set(alone)) > 1  # different seeds, different pieces
 
 
+def test_a_compiled_studio_compiles_before_serving_and_never_while_a_request_decodes(song):
+    # `polyphony serve --compile`: the decode step is traced at startup (in this thread), so no
+    # request pays the compile under its time limit; requests decode in the worker thread.
+    from torch._dynamo.utils import counters
+
+    before = counters["stats"]["unique_graphs"]
+    app = create_app(time_limit=30.0, compile=True)
+    traced = counters["stats"]["unique_graphs"]
+    assert traced > before
+    with TestClient(app) as client:
+        piece = client.post("/api/generate", json={**SMALL, "bars": 4, "seed": 1})
+        continued = client.post(
+            "/api/continue", files={"file": ("song.mid", song)}, data={"bars": 2, "seed": 2}
+        )
+    assert counters["stats"]["unique_graphs"] == traced
+    assert piece.status_code == 200 and continued.status_code == 200, continued.text
+    score = Score.from_midi(piece.content)
+    assert sorted((t.is_drum, t.program) for t in score.tracks) == [
+        (False, 0),
+        (False, 33),
+        (True, 0),
+    ]
+    assert all(len(t.notes) > 0 for t in score.tracks)
+
+
 def test_the_worker_queue_is_bounded():
     """Requests beyond the queue are told to come back (503), not stacked without end."""
     import asyncio
