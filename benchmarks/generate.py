@@ -35,6 +35,7 @@ import json
 import os
 import platform
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -66,6 +67,7 @@ DENSITIES = DensityStats.measure({0: [8.0], 33: [5.0], DRUMS: [14.0]})
 # The issue's long request: 64 bars of four instruments with the shipped model.
 LONG_PIECE = {"instruments": "piano, bass, drums, strings", "bars": 64}
 EAGER, COMPILED = "polyphony (REMI)", "polyphony (REMI, --compile)"
+HF, CPWORD = "HF GPT-2 generate", "polyphony (CPWord)"
 
 
 def build_ours(config_path: str, kind: str, device: str = "cpu") -> Checkpoint:
@@ -143,7 +145,8 @@ def run_hf(model, tokenizer: PolyTokenizer, batch: int, new_tokens: int, seed: i
 
 
 def measure(runs: dict, rounds: int) -> dict:
-    """Alternate the runs ``rounds`` times after a warm-up; median seconds per run."""
+    """Alternate the runs ``rounds`` times after a warm-up; median seconds per run, and each
+    round's tokens/s (for ratios of runs taken in the same round)."""
     warm_up = {}
     for name, run in runs.items():
         warm_up[name] = run(seed=0)[0]
@@ -160,6 +163,7 @@ def measure(runs: dict, rounds: int) -> dict:
             "tokens_per_s": round(tokens / seconds, 1),
             "notes_per_s": round(notes / seconds, 1),
             "warm_up_seconds": round(warm_up[name], 2),  # includes compilation
+            "rounds_tokens_per_s": [round(t / s, 1) for s, t, _ in values],
         }
     return results
 
@@ -259,25 +263,41 @@ def main() -> None:
         compile_decoder(compiled.model)
     hf = build_hf(args.config, remi.tokenizer, args.device)
     n = args.new_tokens
-    rows, ratios = [], {}
+    # Every batch size in the same rounds: this VM's speed swings by up to 2x within minutes, so
+    # batch 8 / batch 1 is the median of ratios taken a few seconds apart.
+    runs = {}
     for batch in args.batches:
-        runs = {
-            EAGER: lambda seed, b=batch: run_ours(remi, b, n, seed, args.groove),
-            "HF GPT-2 generate": lambda seed, b=batch: run_hf(hf, remi.tokenizer, b, n, seed),
-            COMPILED: lambda seed, b=batch: run_ours(compiled, b, n, seed, args.groove),
-            "polyphony (CPWord)": lambda seed, b=batch: run_ours(cpword, b, n, seed, args.groove),
+        runs |= {
+            (EAGER, batch): lambda seed, b=batch: run_ours(remi, b, n, seed, args.groove),
+            (HF, batch): lambda seed, b=batch: run_hf(hf, remi.tokenizer, b, n, seed),
+            (COMPILED, batch): lambda seed, b=batch: run_ours(compiled, b, n, seed, args.groove),
+            (CPWORD, batch): lambda seed, b=batch: run_ours(cpword, b, n, seed, args.groove),
         }
         if compiled is None:
-            del runs[COMPILED]
-        results = measure(runs, args.rounds)
-        for name, result in results.items():
-            rows.append({"implementation": name, "batch": batch, **result})
-        theirs = results["HF GPT-2 generate"]["tokens_per_s"]
-        ratios[f"batch_{batch}"] = {
-            kind: round(results[name]["tokens_per_s"] / theirs, 2)
+            del runs[COMPILED, batch]
+    results = measure(runs, args.rounds)
+    rows = [{"implementation": name, "batch": batch, **r} for (name, batch), r in results.items()]
+    ratios = {
+        f"batch_{batch}": {
+            kind: round(
+                results[name, batch]["tokens_per_s"] / results[HF, batch]["tokens_per_s"], 2
+            )
             for kind, name in (("eager", EAGER), ("compiled", COMPILED))
-            if name in runs
+            if (name, batch) in results
         }
+        for batch in args.batches
+    }
+    batch_ratios = {}
+    if {1, 8} <= set(args.batches):
+        for name in (EAGER,) if compiled is None else (EAGER, COMPILED):
+            per_round = [
+                eight / one
+                for one, eight in zip(
+                    results[name, 1]["rounds_tokens_per_s"], results[name, 8]["rounds_tokens_per_s"],
+                    strict=True,
+                )
+            ]  # fmt: skip
+            batch_ratios[name] = round(statistics.median(per_round), 2)
 
     report = {
         "config": Path(args.config).name,
@@ -289,6 +309,7 @@ def main() -> None:
         "new_tokens": n,
         "rows": rows,
         "ratio_tokens_per_s_polyphony_over_hf": ratios,
+        "batch_8_over_batch_1": batch_ratios,
         "peak_rss_mb_cpu_generation": in_child(args.config, n, args.threads, "rss")["peak_rss_mb"],
         "long_piece": in_child(args.config, n, args.threads, "long"),
         "machine": machine(load_before, args.device),
@@ -306,13 +327,8 @@ def main() -> None:
             f"polyphony / HF tokens/s at {batch.replace('_', ' ')}: "
             + ", ".join(f"{value:.2f}x ({kind})" for kind, value in ratio.items())
         )
-    if {1, 8} <= set(args.batches):
-        for name in (EAGER,) if compiled is None else (EAGER, COMPILED):
-            one, eight = (
-                next(r["tokens_per_s"] for r in rows if r["batch"] == b and r["implementation"] == name)
-                for b in (1, 8)
-            )  # fmt: skip
-            print(f"{name} batch 8 / batch 1 tokens/s: {eight / one:.2f}x")
+    for name, ratio in batch_ratios.items():
+        print(f"{name} batch 8 / batch 1 tokens/s (median of the rounds' ratios): {ratio:.2f}x")
     print(f"peak RSS of a CPU generation: {report['peak_rss_mb_cpu_generation']} MiB")
     long = report["long_piece"]
     print(
