@@ -21,10 +21,9 @@ from .sampling import Sampling
 from .state import Constraints, RowState
 
 # Every compiled decoder shares one Dynamo cache (_tensor_and_weight_guards), whose entries
-# Dynamo caps (``recompile_limit``, 8): a model traces 2 graphs (batch 1, then any batch), so the
-# fifth model compiled in a process failed. The cap grows with each model compiled.
-_DECODERS_COMPILED = itertools.count(1)
-GRAPHS_PER_DECODER = 4
+# Dynamo caps (``recompile_limit``, 8; past it a fullgraph compile fails): a model traces a graph
+# for each batch size and cache length it decodes, so the cap grows with each new one.
+_SHAPES_TRACED = itertools.count(1)
 
 
 class CachedContext:
@@ -230,10 +229,11 @@ def compile_decoder(model: PolyphonyGPT) -> None:
     """torch.compile the model's decode step (``PolyphonyGPT._decode_one``: embedding, blocks,
     final norm and heads, gpt-fast's ``decode_one_token``) as one graph, once. The number of keys
     grows every step and is symbolic (``dynamic=True``), so one graph serves every step of a
-    batch size; attention still reads only the keys written. The graph computes every head and
-    a step returns the ones asked for: one graph whatever heads a caller asks for, and the
-    output projection runs in inductor's GEMM kernel rather than an eager call (at batch 1 an
-    eager 192 x 632 product took ~25 us of a ~1 ms step). Prefill stays eager (once per window).
+    batch size (each batch size has its own: KVCache keeps it static); attention still reads only
+    the keys written. The graph computes every head and a step returns the ones asked for: one
+    graph whatever heads a caller asks for, and the output projection runs in inductor's GEMM
+    kernel rather than an eager call (at batch 1 an eager 192 x 632 product took ~25 us of a
+    ~1 ms step). Prefill stays eager (once per window).
 
     Only the guards on tensors (shapes, dtypes, devices: a new batch size or cache length
     traces again) and on a weight's identity are kept (``_tensor_and_weight_guards``).
@@ -249,15 +249,19 @@ def compile_decoder(model: PolyphonyGPT) -> None:
     several times (a batch-1 step 6.3x faster than eager, docs/benchmarks.md). The choice is
     timed once per shape at compile time and cached on disk with the rest of inductor's cache."""
     if not getattr(model, "_decoder_compiled", False):
-        room = GRAPHS_PER_DECODER * next(_DECODERS_COMPILED)
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, room)
         compiled = torch.compile(
             functools.partial(model._decode_one, heads=None), backend=_inductor_frozen,
             fullgraph=True, dynamic=True,
             options={"guard_filter_fn": _tensor_and_weight_guards},
         )  # fmt: skip
+        shapes = set()  # (batch size, cache length) this model has decoded
 
         def decode_one(*args, heads=None):
+            input_ids, rotary_cos = args[0], args[5]  # PolyphonyGPT._decode_one's arguments
+            if (len(input_ids), len(rotary_cos)) not in shapes:
+                shapes.add((len(input_ids), len(rotary_cos)))
+                limit = torch._dynamo.config.recompile_limit
+                torch._dynamo.config.recompile_limit = max(limit, next(_SHAPES_TRACED))
             # Dynamo must see ``freezing`` while it traces (it then keeps the weights out of
             # the graph's inputs), and a call may trace (a new batch or cache size): set for
             # every call, ~4 us, restored after.
