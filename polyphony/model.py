@@ -103,11 +103,6 @@ class KVCache:
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         # The compiled step's scaled query (Attention.step), stored so that it is computed once.
         self.query = torch.zeros(batch_size, n_heads, 1, head_dim, device=device, dtype=dtype)
-        # The compiled decode step traces a graph per batch size (compile_decoder). With the batch
-        # symbolic, a graph traced for 8 rows took every later batch-1 step too: the tensor guards
-        # it keeps accept any size there, and that graph ran one row 30-40 % slower.
-        for buffer in (self.k, self.v, self.query):
-            torch._dynamo.mark_static(buffer, 0)
 
     def write(self, slot: int, k: torch.Tensor, v: torch.Tensor):
         """Store ``k, v [B, K, T, hd]`` at slots ``slot .. slot + T``; return every key and value

@@ -20,9 +20,9 @@ from .plan import Plan
 from .sampling import Sampling
 from .state import Constraints, RowState
 
-# Every compiled decoder shares one Dynamo cache (_tensor_and_weight_guards), whose entries
-# Dynamo caps (``recompile_limit``, 8; past it a fullgraph compile fails): a model traces a graph
-# for each batch size and cache length it decodes, so the cap grows with each new one.
+# Every compiled decoder shares Dynamo's caches (_tensor_and_weight_guards), whose entries Dynamo
+# caps (``recompile_limit``, 8; past it a fullgraph compile fails): a model traces graphs for the
+# batch sizes and cache lengths it decodes, so the cap grows with each new one.
 _SHAPES_TRACED = itertools.count(1)
 
 
@@ -229,8 +229,8 @@ def compile_decoder(model: PolyphonyGPT) -> None:
     """torch.compile the model's decode step (``PolyphonyGPT._decode_one``: embedding, blocks,
     final norm and heads, gpt-fast's ``decode_one_token``) as one graph, once. The number of keys
     grows every step and is symbolic (``dynamic=True``), so one graph serves every step of a
-    batch size (each batch size has its own: KVCache keeps it static); attention still reads only
-    the keys written. The graph computes every head and a step returns the ones asked for: one
+    batch size (one for a single row, one for any more); attention still reads only the keys
+    written. The graph computes every head and a step returns the ones asked for: one
     graph whatever heads a caller asks for, and the output projection runs in inductor's GEMM
     kernel rather than an eager call (at batch 1 an eager 192 x 632 product took ~25 us of a
     ~1 ms step). Prefill stays eager (once per window).
@@ -249,11 +249,18 @@ def compile_decoder(model: PolyphonyGPT) -> None:
     several times (a batch-1 step 6.3x faster than eager, docs/benchmarks.md). The choice is
     timed once per shape at compile time and cached on disk with the rest of inductor's cache."""
     if not getattr(model, "_decoder_compiled", False):
-        compiled = torch.compile(
-            functools.partial(model._decode_one, heads=None), backend=_inductor_frozen,
-            fullgraph=True, dynamic=True,
-            options={"guard_filter_fn": _tensor_and_weight_guards},
-        )  # fmt: skip
+        eager = model._decode_one
+
+        def rows(*args):
+            return eager(*args, heads=None)
+
+        # One row and several rows trace graphs of their own (a size of 1 is never symbolic), and
+        # they are two functions so that Dynamo looks them up in two caches. In one, the graph
+        # traced for several rows took every later one-row step: the tensor guards kept accept
+        # any batch there (the guard that says "2 rows or more" is among those dropped), and it
+        # took up to twice as long for a row (docs/benchmarks.md, 2026-12-05 22:33).
+        one_row = _compiled(functools.partial(eager, heads=None))
+        many_rows = _compiled(rows)
         shapes = set()  # (batch size, cache length) this model has decoded
 
         def decode_one(*args, heads=None):
@@ -262,6 +269,7 @@ def compile_decoder(model: PolyphonyGPT) -> None:
                 shapes.add((len(input_ids), len(rotary_cos)))
                 limit = torch._dynamo.config.recompile_limit
                 torch._dynamo.config.recompile_limit = max(limit, next(_SHAPES_TRACED))
+            compiled = one_row if len(input_ids) == 1 else many_rows
             # Dynamo must see ``freezing`` while it traces (it then keeps the weights out of
             # the graph's inputs), and a call may trace (a new batch or cache size): set for
             # every call, ~4 us, restored after.
@@ -277,6 +285,13 @@ def compile_decoder(model: PolyphonyGPT) -> None:
 
         model._decode_one = decode_one
         model._decoder_compiled = True
+
+
+def _compiled(function):
+    return torch.compile(
+        function, backend=_inductor_frozen, fullgraph=True, dynamic=True,
+        options={"guard_filter_fn": _tensor_and_weight_guards},
+    )  # fmt: skip
 
 
 def _tensor_and_weight_guards(entries) -> list[bool]:
