@@ -21,10 +21,11 @@ vocabulary (632 tokens), float32, dropout 0, the same thread count. Each generat
 
 notes/s counts the notes of the decoded output (GPT-2's unconstrained tokens are decoded by the
 same, lenient, tokenizer). Rounds alternate between the models and batch sizes and the median is
-reported, so all see the same machine load; batch 8 / batch 1 is the median of each round's ratio. Peak RSS is the peak resident memory (``VmHWM``) of a child
-process that imports polyphony, builds the model and generates once (batch 1). A second child
-writes a long piece with the shipped checkpoint as a user would (``LONG_PIECE``, default
-sampling, seed 0) and reports its wall time and peak RSS. Prints a table, then one JSON line
+reported, so all see the same machine load; batch 8 / batch 1 is the median of each round's ratio.
+Peak RSS is the peak resident memory (``VmHWM``) of a child process that imports polyphony, builds
+the model and generates once (batch 1). A second child writes a long piece with the shipped
+checkpoint as a user would (``LONG_PIECE``, default sampling, seed 0) and reports its wall time and
+peak RSS. Prints a table, then one JSON line
 (``--json FILE`` also writes it). Needs the ``bench`` extra (transformers).
 """
 

@@ -230,10 +230,10 @@ def compile_decoder(model: PolyphonyGPT) -> None:
     final norm and heads, gpt-fast's ``decode_one_token``) as one graph, once. The number of keys
     grows every step and is symbolic (``dynamic=True``), so one graph serves every step of a
     batch size (one for a single row, one for any more); attention still reads only the keys
-    written. The graph computes every head and a step returns the ones asked for: one
-    graph whatever heads a caller asks for, and the output projection runs in inductor's GEMM
-    kernel rather than an eager call (at batch 1 an eager 192 x 632 product took ~25 us of a
-    ~1 ms step). Prefill stays eager (once per window).
+    written. The graph computes every head and a step returns the ones asked for: one graph
+    whatever heads a caller asks for, and the output projection runs in inductor's GEMM kernel
+    rather than an eager call (at batch 1 an eager 192 x 632 product took ~25 us of a ~1 ms
+    step). Prefill stays eager (once per window).
 
     Only the guards on tensors (shapes, dtypes, devices: a new batch size or cache length
     traces again) and on a weight's identity are kept (``_tensor_and_weight_guards``).
@@ -296,11 +296,11 @@ def _compiled(function):
 
 def _tensor_and_weight_guards(entries) -> list[bool]:
     """The guards on tensors, and on which model a graph was traced with. Every compiled decoder
-    shares Dynamo's cache (torch.compile wraps each ``functools.partial`` in the same function)
-    and a graph holds its model's weights frozen in: without a guard on them a second model of
-    the same shape ran the first one's graph, and its weights. One weight's identity tells the
-    models apart (every weight's cost 14 us a step, one weight's 2: benchmarks/decode_step.py's
-    guard check)."""
+    shares Dynamo's caches (torch.compile wraps each ``functools.partial`` in the same function,
+    and every model's ``rows`` is one function too) and a graph holds its model's weights frozen
+    in: without a guard on them a second model of the same shape ran the first one's graph, and
+    its weights. One weight's identity tells the models apart (every weight's cost 14 us a step,
+    one weight's 2: benchmarks/decode_step.py's guard check)."""
     keep = torch.compiler.keep_tensor_guards_unsafe(entries)
     for index, entry in enumerate(entries):
         if entry.guard_type == "ID_MATCH" and isinstance(entry.value, torch.nn.Parameter):
