@@ -41,6 +41,7 @@ try:
 except ImportError as err:  # an optional extra
     raise ImportError('the studio needs its extra: pip install -e ".[studio]"') from err
 
+import torch
 from symusic import Score
 
 from .data.midi_input import MidiInputError, load_midi
@@ -292,8 +293,14 @@ def main(argv: list[str] | None = None) -> int:
         "--compile", action="store_true",
         help="torch.compile the decode step at startup (20-60 s once): requests decode faster",
     )  # fmt: skip
+    parser.add_argument(
+        "--threads", type=int, default=1,
+        help="CPU threads (default 1, as generate.py: a decode step is too small to split)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     import uvicorn
+
+    torch.set_num_threads(max(1, args.threads))
 
     if args.compile:
         print("compiling the decode step (20-60 s, once)...", file=sys.stderr)

@@ -190,6 +190,25 @@ def test_a_compiled_studio_compiles_before_serving_and_never_while_a_request_dec
     assert all(len(t.notes) > 0 for t in score.tracks)
 
 
+def test_the_server_decodes_on_one_thread_unless_told(monkeypatch):
+    # As generate.py. torch's default (every core) made a 16-bar request 1.5x (eager) to 3x
+    # (compiled: inductor's kernels split across threads) as slow on a 2-core machine.
+    import torch
+    import uvicorn
+
+    from polyphony import serve
+
+    monkeypatch.setattr(uvicorn, "run", lambda app, **options: None)
+    monkeypatch.setattr(serve, "create_app", lambda *args: object())
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert serve.main([]) == 0 and torch.get_num_threads() == 1
+        assert serve.main(["--threads", "2"]) == 0 and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_the_worker_queue_is_bounded():
     """Requests beyond the queue are told to come back (503), not stacked without end."""
     import asyncio
