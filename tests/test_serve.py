@@ -191,8 +191,8 @@ def test_a_compiled_studio_compiles_before_serving_and_never_while_a_request_dec
 
 
 def test_the_server_decodes_on_one_thread_unless_told(monkeypatch):
-    # As generate.py. torch's default (every core) made a 16-bar request 1.5x (eager) to 3x
-    # (compiled: inductor's kernels split across threads) as slow on a 2-core machine.
+    # As generate.py. On torch's default, every core, a compiled 16-bar request took 2.5-2.9x as
+    # long on a 2-core machine (benchmarks/serve.py: inductor's kernels split across threads).
     import torch
     import uvicorn
 
