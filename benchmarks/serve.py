@@ -9,8 +9,8 @@ set before anything runs (inductor compiles its kernels for it) and ``create_app
 shipped model (and, with ``--compile``, compiles and traces the decode step). The child then
 POSTs ``--requests`` requests of ``--bars`` bars of piano, bass and drums (seeds 1, 2, ...) to
 ``/api/generate`` through FastAPI's test client. Configurations alternate for ``--rounds``
-rounds; the median request time is reported. Prints a table, then one JSON line (``--json FILE``
-also writes it). Needs the ``studio`` extra.
+rounds; the median request time is reported. Prints a table, then one JSON line. Needs the
+``studio`` extra.
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ import subprocess
 import sys
 import time
 from datetime import date
-from pathlib import Path
 
 CONFIGS = [(False, 1), (True, 1), (False, 0), (True, 0)]  # (compile, threads; 0 = torch's default)
 
@@ -56,7 +55,6 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--requests", type=int, default=3)
     parser.add_argument("--bars", type=int, default=16)
-    parser.add_argument("--json", help="also write the JSON here")
     parser.add_argument("--child", nargs=2, type=int, help=argparse.SUPPRESS)  # compile, threads
     args = parser.parse_args()
     if args.child:
@@ -96,10 +94,7 @@ def main() -> None:
         print(f"| {row['decoder']} | {row['threads']} | {row['median_request_s']} | {startup} |")
     print(f"load average (1, 5, 15 min) before: {report['load_average_before']}, "
           f"after: {report['load_average_after']}")  # fmt: skip
-    line = json.dumps(report)
-    print(line)
-    if args.json:
-        Path(args.json).write_text(line + "\n")
+    print(json.dumps(report))
 
 
 if __name__ == "__main__":
