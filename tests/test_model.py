@@ -204,8 +204,9 @@ def test_two_compiled_models_of_one_shape_each_run_their_own_weights():
 
 def test_each_batch_size_runs_the_graph_traced_for_it():
     # A graph traced for several rows must not take a one-row step: with the batch dimension
-    # symbolic, the tensor guards compile_decoder keeps accepted one, and the shipped model's
-    # batch-1 steps ran 30-40 % slower in any process that had decoded a batch.
+    # symbolic, the tensor guards compile_decoder keeps accepted one, and in any process that had
+    # decoded a batch the shipped model's batch 1 ran at 896-1,137 tokens/s instead of ~1,500
+    # (benchmarks/generate.py, docs/benchmarks.md "Where the ratios stand").
     from torch._dynamo.utils import counters
 
     ids, tracks = random_batch("remi", 2, 6, seed=6)
